@@ -1,0 +1,5 @@
+import sys
+
+from instantid_colab.pose.cli import main
+
+sys.exit(main())
