@@ -1,0 +1,602 @@
+"""What is installed, what is missing, and a Colab-safe installer.
+
+Colab sessions die two ways at install time: a pip call that replaces the preinstalled PyTorch
+(built for Colab's CUDA driver) or numpy, and a second onnxruntime package beside the first (the
+CPU and GPU wheels ship the same `onnxruntime` module and overwrite each other's files). The
+installer below pins torch/torchvision/torchaudio/numpy to what is installed, installs only what is
+missing or too old, keeps exactly one onnxruntime, and verifies the result in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement
+from packaging.requirements import Requirement as PackagingRequirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+INSTALL_HINT = "python -m instantid_colab install"
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One row of the minimum-version table."""
+
+    distribution: str  # pip name, canonical form
+    module: str  # import name
+    minimum: str
+    role: str  # "preinstalled": checked, never installed | "install" | "install-no-deps" | "onnxruntime"
+    why: str
+    alternatives: tuple[str, ...] = ()  # other distributions that provide the same module
+
+
+# The one table of minimum versions. Floors, not pins: Colab runtimes from torch 2.6 (2025.07) on
+# ship newer versions of most rows, and the installer leaves anything recent enough alone.
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement("torch", "torch", "2.6", "preinstalled", "Colab's build matches its CUDA driver"),
+    Requirement("numpy", "numpy", "1.26", "preinstalled", "compiled packages are built against it"),
+    Requirement("diffusers", "diffusers", "0.30", "install", "SDXL ControlNet pipeline, IP-Adapter loading"),
+    Requirement("transformers", "transformers", "4.41.2", "install", "SDXL text encoders"),
+    Requirement("accelerate", "accelerate", "0.31", "install", "low-memory loading and offload hooks"),
+    Requirement("huggingface-hub", "huggingface_hub", "0.25", "install", "weight downloads"),
+    Requirement("safetensors", "safetensors", "0.4.3", "install", "weights loaded straight to the GPU"),
+    Requirement("psutil", "psutil", "5.9", "install", "memory measurements"),
+    Requirement("packaging", "packaging", "22.0", "install", "version checks"),
+    Requirement("pillow", "PIL", "9.1", "install", "images"),
+    Requirement("gradio", "gradio", "5.0", "install", "the app"),
+    Requirement(
+        "onnxruntime", "onnxruntime", "1.19", "onnxruntime",
+        "face analysis; >=1.19 wheels are built for CUDA 12 + cuDNN 9 like Colab's torch",
+        alternatives=("onnxruntime-gpu",),
+    ),
+    Requirement(
+        "insightface", "insightface", "1.0", "install-no-deps",
+        "face detection and ArcFace embedding; 0.7.3 is sdist-only and compiles C++ on install",
+    ),
+    # insightface's own requirements, installed by us because insightface goes in with --no-deps:
+    # it declares the CPU `onnxruntime`, which would land beside onnxruntime-gpu on a CUDA machine.
+    Requirement("onnx", "onnx", "1.13", "install", "required by insightface"),
+    Requirement(
+        "opencv-python", "cv2", "4.5", "install", "required by insightface; keypoint drawing",
+        alternatives=("opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"),
+    ),
+    Requirement("scikit-image", "skimage", "0.19", "install", "required by insightface (face alignment)"),
+    Requirement("scipy", "scipy", "1.9", "install", "required by insightface"),
+    Requirement("tqdm", "tqdm", "4.60", "install", "required by insightface; progress bars"),
+    Requirement("requests", "requests", "2.25", "install", "required by insightface"),
+)
+
+# Never changed by the installer: pinned with a pip constraints file to the installed versions.
+PINNED: tuple[str, ...] = ("torch", "torchvision", "torchaudio", "numpy")
+
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def requirement(distribution: str) -> Requirement:
+    """The table row for `distribution`."""
+    name = canonicalize_name(distribution)
+    for row in REQUIREMENTS:
+        if row.distribution == name:
+            return row
+    raise KeyError(f"{distribution} is not in environment.REQUIREMENTS")
+
+
+def installed_versions() -> dict[str, str]:
+    """Canonical distribution name -> version of everything installed (metadata only, no imports)."""
+    versions: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            versions.setdefault(canonicalize_name(name), dist.version)
+    return versions
+
+
+def _version_at_least(version: str, minimum: str) -> bool:
+    try:
+        return Version(version) >= Version(minimum)
+    except InvalidVersion:
+        return True  # an unparsable local build: do not touch it
+
+
+def installed_version(row: Requirement, versions: Mapping[str, str]) -> tuple[str, str] | None:
+    """(distribution, version) that satisfies `row` best, or None when none of its names is installed."""
+    found = [(name, versions[name]) for name in (row.distribution, *row.alternatives) if name in versions]
+    if not found:
+        return None
+    return max(found, key=lambda item: _version_at_least(item[1], row.minimum))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and check
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: tuple[int, int]
+    total_gib: float
+
+
+@dataclass(frozen=True)
+class EnvironmentReport:
+    python: str
+    platform: str
+    packages: dict[str, str | None]  # table rows and pinned packages -> installed version or None
+    onnxruntime_distributions: tuple[str, ...]  # installed onnxruntime wheels (more than one is broken)
+    onnxruntime_providers: tuple[str, ...] | None
+    onnxruntime_error: str | None
+    torch_cuda: str | None  # CUDA version torch was built with
+    cudnn: int | None
+    cuda_available: bool
+    gpus: tuple[GpuInfo, ...]
+    torch_error: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def render(self) -> str:
+        lines = [f"Python {self.python} on {self.platform}"]
+        if self.torch_error:
+            lines.append(f"torch: cannot import ({self.torch_error})")
+        else:
+            lines.append(
+                f"torch {self.packages.get('torch')}, CUDA build {self.torch_cuda or 'none'}, "
+                f"cuDNN {self.cudnn or 'none'}, CUDA available: {'yes' if self.cuda_available else 'no'}"
+            )
+        for index, gpu in enumerate(self.gpus):
+            major, minor = gpu.compute_capability
+            lines.append(f"GPU {index}: {gpu.name}, compute capability {major}.{minor}, {gpu.total_gib:.1f} GiB")
+        for name, version in self.packages.items():
+            if name not in ("torch",):
+                lines.append(f"  {name:<16} {version or 'not installed'}")
+        if self.onnxruntime_providers is not None:
+            lines.append(f"onnxruntime providers: {', '.join(self.onnxruntime_providers)}")
+        elif self.onnxruntime_error:
+            lines.append(f"onnxruntime: cannot import ({self.onnxruntime_error})")
+        return "\n".join(lines)
+
+
+def _torch_facts() -> dict:
+    try:
+        import torch
+    except Exception as error:  # broken installs raise more than ImportError
+        return {"torch_error": f"{type(error).__name__}: {error}"}
+    facts: dict = {"torch_cuda": torch.version.cuda, "cudnn": None, "cuda_available": False, "gpus": ()}
+    if torch.cuda.is_available():
+        facts["cuda_available"] = True
+        facts["cudnn"] = torch.backends.cudnn.version()
+        facts["gpus"] = tuple(
+            GpuInfo(props.name, (props.major, props.minor), round(props.total_memory / 2**30, 2))
+            for props in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))
+        )
+    return facts
+
+
+def _onnxruntime_facts() -> dict:
+    try:
+        import onnxruntime
+    except Exception as error:
+        return {"onnxruntime_error": f"{type(error).__name__}: {error}"}
+    return {"onnxruntime_providers": tuple(onnxruntime.get_available_providers())}
+
+
+def report() -> EnvironmentReport:
+    """Versions from package metadata; torch and onnxruntime are imported for CUDA and providers."""
+    versions = installed_versions()
+    packages: dict[str, str | None] = {}
+    for row in REQUIREMENTS:
+        found = installed_version(row, versions)
+        packages[row.distribution] = found[1] if found else None
+    for name in PINNED:
+        packages.setdefault(name, versions.get(name))
+    facts = {
+        "onnxruntime_providers": None, "onnxruntime_error": None, "torch_cuda": None, "cudnn": None,
+        "cuda_available": False, "gpus": (), "torch_error": None,
+    }
+    facts.update(_torch_facts())
+    facts.update(_onnxruntime_facts())
+    return EnvironmentReport(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        packages=packages,
+        onnxruntime_distributions=tuple(name for name in ONNXRUNTIME_DISTRIBUTIONS if name in versions),
+        **facts,
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "error": a feature will not work | "warning": works, but slowly or with less
+    package: str
+    message: str
+    fix: str
+
+    def render(self) -> str:
+        return f"[{self.severity}] {self.package}: {self.message} Fix: {self.fix}"
+
+
+def check(env: EnvironmentReport) -> list[Problem]:
+    """Everything in `env` that is missing, too old or inconsistent, each with the next step."""
+    problems: list[Problem] = []
+    for row in REQUIREMENTS:
+        version = env.packages.get(row.distribution)
+        if row.role == "onnxruntime":
+            continue
+        if row.role == "preinstalled":
+            fix = (
+                "choose a Colab runtime with a newer PyTorch (Runtime > Change runtime type > Runtime version); "
+                "the installer never changes it"
+                if row.distribution == "torch"
+                else "use the runtime's own numpy; the installer never changes it"
+            )
+        else:
+            fix = INSTALL_HINT
+        if version is None:
+            problems.append(Problem("error", row.distribution, f"not installed ({row.why}).", fix))
+        elif not _version_at_least(version, row.minimum):
+            problems.append(Problem("error", row.distribution, f"{version} is older than {row.minimum}.", fix))
+    problems.extend(_onnxruntime_problems(env))
+    if env.torch_error is None and not env.cuda_available:
+        problems.append(Problem(
+            "warning", "cuda", "no CUDA GPU: SDXL runs on the CPU, many minutes per image.",
+            "in Colab: Runtime > Change runtime type > T4 GPU.",
+        ))
+    return problems
+
+
+def _onnxruntime_problems(env: EnvironmentReport) -> list[Problem]:
+    row = requirement("onnxruntime")
+    wanted = "onnxruntime-gpu" if env.cuda_available else "onnxruntime"
+    if len(env.onnxruntime_distributions) > 1:
+        return [Problem(
+            "error", "onnxruntime",
+            "both onnxruntime and onnxruntime-gpu are installed; they ship the same module and overwrite "
+            "each other's files, so face analysis may load the wrong one or fail.",
+            f"{INSTALL_HINT} (keeps only {wanted})",
+        )]
+    if not env.onnxruntime_distributions:
+        return [Problem("error", "onnxruntime", f"not installed ({row.why}).", f"{INSTALL_HINT} (installs {wanted})")]
+    version = env.packages.get("onnxruntime")
+    if version and not _version_at_least(version, row.minimum):
+        return [Problem("error", "onnxruntime", f"{version} is older than {row.minimum}.", INSTALL_HINT)]
+    if env.onnxruntime_error:
+        return [Problem("error", "onnxruntime", f"installed but cannot be imported: {env.onnxruntime_error}.",
+                        f"{INSTALL_HINT}, then restart the runtime")]
+    if env.cuda_available and env.onnxruntime_distributions == ("onnxruntime",):
+        return [Problem("warning", "onnxruntime", "the CPU build is installed on a CUDA machine: face analysis runs on the CPU.",
+                        f"{INSTALL_HINT} (swaps in onnxruntime-gpu)")]
+    providers = env.onnxruntime_providers or ()
+    if env.cuda_available and "CUDAExecutionProvider" not in providers:
+        return [Problem("warning", "onnxruntime", "onnxruntime-gpu has no CUDAExecutionProvider: face analysis runs on the CPU.",
+                        "install an onnxruntime-gpu built for this CUDA (>=1.19 for CUDA 12), then restart the runtime")]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Installer
+
+
+@dataclass(frozen=True)
+class PipResult:
+    returncode: int
+    output: str  # pip's stdout and stderr together
+
+
+PipRunner = Callable[[Sequence[str]], PipResult]
+
+
+def pip_runner(args: Sequence[str]) -> PipResult:
+    """Run `python -m pip ARGS` in this interpreter's environment and capture what pip says."""
+    command = [sys.executable, "-m", "pip", *args]
+    print("$ pip " + " ".join(args), flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    return PipResult(done.returncode, done.stdout + done.stderr)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What a fresh interpreter sees after installing (this process may hold stale modules)."""
+
+    versions: dict[str, str]
+    import_errors: dict[str, str]
+    cuda_provider_works: bool | None  # None when CUDA was not asked for
+
+
+_VERIFY_SCRIPT = r"""
+import importlib, importlib.metadata, json, sys
+from packaging.utils import canonicalize_name
+modules, want_cuda = json.loads(sys.argv[1]), sys.argv[2] == "1"
+errors = {}
+for module in modules:
+    try:
+        importlib.import_module(module)
+    except Exception as error:
+        errors[module] = f"{type(error).__name__}: {error}"
+cuda_ok = None
+if want_cuda and "onnxruntime" not in errors:
+    import onnxruntime, onnx
+    from onnx import TensorProto, helper
+    if hasattr(onnxruntime, "preload_dlls"):
+        onnxruntime.preload_dlls()
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    try:
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+        cuda_ok = "CUDAExecutionProvider" in session.get_providers()
+    except Exception as error:
+        errors["onnxruntime (CUDA session)"] = f"{type(error).__name__}: {error}"
+        cuda_ok = False
+versions = {}
+for dist in importlib.metadata.distributions():
+    if dist.metadata["Name"]:
+        versions.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+print(json.dumps({"versions": versions, "import_errors": errors, "cuda_provider_works": cuda_ok}))
+"""
+
+
+def verify_in_subprocess(cuda: bool) -> Verification:
+    """Import every table module in a new interpreter; with CUDA, run a one-node ONNX graph on the GPU."""
+    modules = ["torch"] + [row.module for row in REQUIREMENTS if row.module != "torch"]
+    done = subprocess.run(
+        [sys.executable, "-c", _VERIFY_SCRIPT, json.dumps(modules), "1" if cuda else "0"],
+        capture_output=True, text=True,
+    )
+    if done.returncode != 0:
+        return Verification(installed_versions(), {"verification": done.stderr.strip()[-2000:]}, None)
+    return Verification(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pip transaction: remove `remove` (name, version) pairs, then install `install` specs."""
+
+    reason: str
+    install: tuple[str, ...]
+    remove: tuple[tuple[str, str], ...] = ()
+    no_deps: bool = False
+
+
+@dataclass(frozen=True)
+class Change:
+    distribution: str
+    before: str | None  # None: was not installed
+    after: str | None  # None: removed
+
+
+@dataclass
+class InstallReport:
+    cuda: bool
+    dry_run: bool
+    steps: list[Step] = field(default_factory=list)
+    commands: list[list[str]] = field(default_factory=list)  # pip arguments, run (or planned when dry_run)
+    changes: list[Change] = field(default_factory=list)
+    error: str | None = None  # what went wrong, with pip's own message
+    problems: list[str] = field(default_factory=list)  # what the verification still found wrong
+    restart_needed: bool = False  # a changed package was already imported by this process
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+    def render(self) -> str:
+        if not self.steps:
+            return "Nothing to change: every required package is installed and recent enough."
+        lines = []
+        if self.dry_run:
+            lines.append("Dry run; would run:")
+            lines += [f"  pip {' '.join(command)}" for command in self.commands]
+            lines += [f"  ({step.reason})" for step in self.steps]
+            return "\n".join(lines)
+        if self.changes:
+            lines.append("Changed:")
+            for change in self.changes:
+                before, after = change.before or "absent", change.after or "removed"
+                lines.append(f"  {change.distribution}: {before} -> {after}")
+        else:
+            lines.append("No package changed.")
+        if self.error:
+            lines.append(f"FAILED: {self.error}")
+        lines += [f"PROBLEM: {problem}" for problem in self.problems]
+        if self.restart_needed:
+            lines.append("Restart the runtime (Runtime > Restart session): this process imported a package that changed.")
+        return "\n".join(lines)
+
+
+def plan_steps(versions: Mapping[str, str], cuda: bool, dev_requirements: Sequence[str] = ()) -> list[Step]:
+    """The pip transactions that bring `versions` up to the table; empty when nothing is needed."""
+    steps: list[Step] = []
+    onnxruntime_step = _onnxruntime_step(versions, cuda)
+    if onnxruntime_step:
+        steps.append(onnxruntime_step)
+    missing = [row for row in REQUIREMENTS if row.role == "install" and not _satisfied(row, versions)]
+    missing_dev = [spec for spec in dev_requirements if not _spec_satisfied(spec, versions)]
+    if missing or missing_dev:
+        specs = tuple(f"{row.distribution}>={row.minimum}" for row in missing) + tuple(missing_dev)
+        steps.append(Step("missing or too old: " + ", ".join(specs), specs))
+    for row in REQUIREMENTS:
+        if row.role == "install-no-deps" and not _satisfied(row, versions):
+            steps.append(Step(
+                f"{row.distribution} without its declared dependencies (its CPU onnxruntime would shadow onnxruntime-gpu); "
+                "its other requirements are rows of the table",
+                (f"{row.distribution}>={row.minimum}",), no_deps=True,
+            ))
+    return steps
+
+
+def _satisfied(row: Requirement, versions: Mapping[str, str]) -> bool:
+    found = installed_version(row, versions)
+    return found is not None and _version_at_least(found[1], row.minimum)
+
+
+def _spec_satisfied(spec: str, versions: Mapping[str, str]) -> bool:
+    parsed = PackagingRequirement(spec)
+    version = versions.get(canonicalize_name(parsed.name))
+    return version is not None and parsed.specifier.contains(version, prereleases=True)
+
+
+def _onnxruntime_step(versions: Mapping[str, str], cuda: bool) -> Step | None:
+    minimum = requirement("onnxruntime").minimum
+    wanted = "onnxruntime-gpu" if cuda else "onnxruntime"
+    present = [(name, versions[name]) for name in ONNXRUNTIME_DISTRIBUTIONS if name in versions]
+    if len(present) > 1:
+        return Step(f"both onnxruntime wheels were installed and shadow each other; keeping only {wanted}",
+                    (f"{wanted}>={minimum}",), remove=tuple(present))
+    if not present:
+        return Step(f"{wanted} is missing", (f"{wanted}>={minimum}",))
+    name, version = present[0]
+    if cuda and name == "onnxruntime":
+        return Step("CUDA is available: replacing the CPU onnxruntime by onnxruntime-gpu",
+                    (f"onnxruntime-gpu>={minimum}",), remove=tuple(present))
+    if not _version_at_least(version, minimum):
+        return Step(f"{name} {version} is older than {minimum}", (f"{name}>={minimum}",))
+    return None
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except Exception:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def dev_requirements() -> list[str]:
+    """The `dev` extra of this package's installed metadata (pyproject.toml is the one source)."""
+    try:
+        declared = importlib.metadata.requires("instantid-colab") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError("instantid-colab is not installed as a package: run `pip install --no-deps -e .` first") from None
+    specs = []
+    for line in declared:
+        try:
+            parsed = PackagingRequirement(line)
+        except InvalidRequirement:
+            continue
+        if parsed.marker is not None and parsed.marker.evaluate({"extra": "dev"}) and not parsed.marker.evaluate({"extra": ""}):
+            specs.append(f"{parsed.name}{parsed.specifier}")
+    return specs
+
+
+def install(
+    runner: PipRunner = pip_runner,
+    *,
+    cuda: bool | None = None,
+    dry_run: bool = False,
+    dev: bool = False,
+    versions: Callable[[], dict[str, str]] = installed_versions,
+    verify: Callable[[bool], Verification] = verify_in_subprocess,
+) -> InstallReport:
+    """Install what the table needs without touching torch/torchvision/torchaudio/numpy.
+
+    `runner`, `versions` and `verify` are the three contacts with the real environment; tests pass
+    recording fakes. A failed pip call is reported with pip's message, and packages this step had
+    removed are reinstalled at their former versions.
+    """
+    cuda = _cuda_available() if cuda is None else cuda
+    before = versions()
+    result = InstallReport(cuda=cuda, dry_run=dry_run)
+    if "torch" not in before:
+        result.error = (
+            "torch is not installed. This installer never installs PyTorch (Colab's build matches its driver). "
+            "Install the build for your CUDA from https://pytorch.org/get-started/locally/ first, "
+            "e.g. `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` for CPU only."
+        )
+        return result
+    result.steps = plan_steps(before, cuda, dev_requirements() if dev else ())
+    if not result.steps:
+        return result
+    pins = [f"{name}=={before[name]}" for name in PINNED if name in before]
+    with tempfile.TemporaryDirectory() as folder:
+        constraints = Path(folder, "constraints.txt")
+        constraints.write_text("\n".join(pins) + "\n")
+        for step in result.steps:
+            commands = _commands(step, constraints)
+            if dry_run:
+                result.commands += commands
+                continue
+            failure = _run_step(runner, commands, step, constraints, result)
+            if failure:
+                result.error = failure
+                break
+    if dry_run:
+        return result
+    return _verified(result, before, verify(cuda))
+
+
+def _commands(step: Step, constraints: Path) -> list[list[str]]:
+    commands = []
+    if step.remove:
+        commands.append(["uninstall", "-y", *(name for name, _ in step.remove)])
+    flags = ["--no-deps"] if step.no_deps else []
+    commands.append(["install", "-c", str(constraints), *flags, *step.install])
+    return commands
+
+
+def _run_step(runner: PipRunner, commands: list[list[str]], step: Step, constraints: Path,
+              result: InstallReport) -> str | None:
+    """Run one step; on failure undo its removals and return the message."""
+    for command in commands:
+        result.commands.append(command)
+        done = runner(command)
+        if done.returncode == 0:
+            continue
+        message = f"`pip {' '.join(command)}` failed ({step.reason}). pip said:\n{_pip_message(done.output)}"
+        if step.remove and command[0] == "install":
+            restore = ["install", "-c", str(constraints), "--no-deps", *(f"{n}=={v}" for n, v in step.remove)]
+            result.commands.append(restore)
+            undone = runner(restore)
+            message += (
+                "\nRestored what this step had removed: " + ", ".join(f"{n}=={v}" for n, v in step.remove)
+                if undone.returncode == 0
+                else f"\nRestoring the removed packages also failed; run `pip {' '.join(restore)}`. pip said:\n"
+                + _pip_message(undone.output)
+            )
+        return message
+    return None
+
+
+def _pip_message(output: str, lines: int = 25) -> str:
+    """pip's ERROR lines when there are some, else its last lines."""
+    text = output.strip().splitlines()
+    errors = [line for line in text if line.startswith("ERROR")]
+    return "\n".join(errors or text[-lines:])
+
+
+def _verified(result: InstallReport, before: Mapping[str, str], seen: Verification) -> InstallReport:
+    after = seen.versions
+    result.changes = [
+        Change(name, before.get(name), after.get(name))
+        for name in sorted(set(before) | set(after))
+        if before.get(name) != after.get(name)
+    ]
+    for name in PINNED:
+        if before.get(name) != after.get(name):
+            result.problems.append(f"{name} changed from {before.get(name)} to {after.get(name)}; restart the runtime.")
+    for module, error in seen.import_errors.items():
+        result.problems.append(f"`import {module}` fails in a fresh interpreter: {error}")
+    if seen.cuda_provider_works is False:
+        result.problems.append(
+            "onnxruntime-gpu is installed but CUDAExecutionProvider does not run (CUDA/cuDNN libraries not found); "
+            "face analysis will use the CPU."
+        )
+    changed = {change.distribution for change in result.changes}
+    result.restart_needed = any(
+        (row.distribution in changed or changed & set(row.alternatives)) and row.module in sys.modules
+        for row in REQUIREMENTS
+    )
+    return result
