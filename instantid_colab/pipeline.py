@@ -1,0 +1,505 @@
+"""InstantID on diffusers' StableDiffusionXLControlNetPipeline.
+
+What InstantID adds to a plain SDXL + ControlNet pipeline, and where it lives here:
+- the face embedding -> 16 tokens Resampler and the IP attention: diffusers' IP-Adapter-Plus route
+  (`adapter.load_adapter`), fed with `ip_adapter_image_embeds` (SDPA processors, no score matrices);
+- the IdentityNet ControlNet that sees ONLY the 16 face tokens as its text: `IdentityNet` below;
+- "enhance non-face region": the face-box mask on the IdentityNet residuals and on IP attention
+  (`ip_adapter_masks`, diffusers' IPAdapterMaskProcessor);
+- a VAE decode that never returns NaN/black, and one automatic retry with a lighter memory plan
+  after running out of memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from instantid_colab import faces, memory, styles
+from instantid_colab.weights import WeightPaths, ensure_lcm_lora
+
+DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
+MAX_SIDE, MIN_SIDE, MULTIPLE = 1280, 1024, 64  # official resize_img rule
+SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square 1024": (1024, 1024), "portrait 896x1152": (896, 1152), "landscape 1152x896": (1152, 896),
+    "portrait 768x1024": (768, 1024), "landscape 1024x768": (1024, 768), "square 768": (768, 768),
+}
+COMBINE_MODES = ("average", "norm_average", "concat")
+
+# name -> (diffusers scheduler class, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler",
+                            {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+
+_OOM_ERRORS = tuple({e for e in (getattr(torch, "OutOfMemoryError", None),
+                                 getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
+
+
+class IdentityNet(ControlNetModel):
+    """InstantID's ControlNet: its cross-attention context is the 16 face tokens, not the text.
+
+    The SDXL ControlNet pipeline hands every ControlNet the text embeddings; this subclass replaces
+    them with the face tokens set by `conditioned(...)` for one call (pooled text and time ids still
+    arrive in `added_cond_kwargs`). With a face mask, each residual is multiplied by the mask at its
+    resolution, so the IdentityNet only steers the face region ("enhance non-face region"). Extra
+    ControlNets (pose/canny/depth) in a MultiControlNetModel keep getting the text.
+    """
+
+    _face_tokens: torch.Tensor | None = None
+    _face_mask: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def conditioned(self, face_tokens: torch.Tensor, face_mask: torch.Tensor | None = None):
+        """face_tokens: [2B or B, num_tokens, cross_dim] (negative first under CFG); mask: [1, 1, H, W]."""
+        self._face_tokens, self._face_mask = face_tokens, face_mask
+        try:
+            yield self
+        finally:
+            self._face_tokens, self._face_mask = None, None
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0, *args,
+                return_dict: bool = True, **kwargs):
+        if self._face_tokens is None:
+            raise RuntimeError("IdentityNet called without face tokens: call it inside `identitynet.conditioned(...)`.")
+        tokens = self._face_tokens
+        if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
+            tokens = tokens[-sample.shape[0]:]
+        down, mid = super().forward(sample, timestep, tokens.to(sample.device, self.dtype), controlnet_cond,
+                                    conditioning_scale, *args, return_dict=False, **kwargs)
+        if self._face_mask is not None:
+            down = [residual * self._mask_like(residual) for residual in down]
+            mid = mid * self._mask_like(mid)
+        if not return_dict:
+            return down, mid
+        from diffusers.models.controlnets.controlnet import ControlNetOutput
+
+        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+
+    def _mask_like(self, residual: torch.Tensor) -> torch.Tensor:
+        mask = torch.nn.functional.interpolate(self._face_mask.to(residual.device, torch.float32),
+                                               size=residual.shape[-2:], mode="nearest")
+        return mask.to(residual.dtype)
+
+
+@dataclass
+class InstantIDSession:
+    """A loaded pipeline plus what each call needs: face analyzer, memory plan, weights, LCM state."""
+
+    pipe: Any
+    faces: Any
+    plan: Any
+    weights: WeightPaths
+    smoke: bool
+    scheduler_config: dict
+    lcm_loaded: bool = False
+    lcm_loads: int = 0
+    load_seconds: float = 0.0
+
+    @property
+    def label(self) -> str | None:
+        from instantid_colab.smoke import SMOKE_LABEL
+
+        return SMOKE_LABEL if self.smoke else None
+
+
+@dataclass
+class GenerationResult:
+    images: list
+    seed: int
+    settings: dict
+    kps_image: Any
+    seconds: float
+    plan: Any
+    notices: list[str] = field(default_factory=list)
+    label: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _dtype_keyword(from_pretrained: Callable) -> str:
+    """`dtype=` on stacks that know it (diffusers >= 0.40, transformers >= 4.56), else `torch_dtype=`."""
+    source = inspect.getsource(inspect.unwrap(from_pretrained))
+    return "dtype" if re.search(r"pop\(\s*[\"']dtype[\"']", source) else "torch_dtype"
+
+
+def _load(cls, path: str | Path, device: str, dtype: torch.dtype, **kwargs):
+    """One component straight onto `device` in `dtype`: safetensors, no full CPU/fp32 staging copy."""
+    options = {_dtype_keyword(cls.from_pretrained): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
+    if device != "cpu":
+        options["device_map"] = {"": torch.device(device)}
+    return cls.from_pretrained(path, **options, **kwargs)
+
+
+def _stage(recorder, name: str):
+    return recorder.stage(name) if recorder is not None else contextlib.nullcontext()
+
+
+def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool = True) -> InstantIDSession:
+    """Load every component one by one onto the plan's devices, attach the adapter, apply the plan.
+
+    `plan=None` measures this machine (`memory.plan_for_this_machine()`). With a `recorder`, each
+    component loads inside its own stage so the per-stage memory table shows where memory went.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLControlNetPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from instantid_colab import adapter
+
+    started = time.perf_counter()
+    plan = plan if plan is not None else memory.plan_for_this_machine()
+    dtype = getattr(torch, plan.dtype)
+    # Offload placements load to CPU and let memory.apply() add the hooks; "gpu" loads straight to the GPU.
+    load_device = plan.device if plan.placement == "gpu" else "cpu"
+    # Text encoders kept on the CPU run in float32 there (memory.apply's rule); hooked ones stay in plan dtype.
+    text_device = plan.text_encoder_device if plan.placement in ("gpu", "group_offload", "cpu") else "cpu"
+    text_dtype = torch.float32 if text_device == "cpu" and plan.placement != "model_offload" else dtype
+    base = weights.base
+    with _stage(recorder, "load tokenizers"):
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
+    with _stage(recorder, "load text encoders"):
+        text_encoder = _load(CLIPTextModel, base, text_device, text_dtype, subfolder="text_encoder")
+        text_encoder_2 = _load(CLIPTextModelWithProjection, base, text_device, text_dtype, subfolder="text_encoder_2")
+    with _stage(recorder, "load vae"):
+        if weights.vae is not None:
+            vae = _load(AutoencoderKL, weights.vae, load_device, dtype)
+        else:
+            vae = _load(AutoencoderKL, base, load_device, dtype, subfolder="vae")
+            if vae.config.force_upcast and dtype == torch.float16:  # the stock SDXL VAE overflows in fp16
+                vae.to(torch.float32)
+    with _stage(recorder, "load unet"):
+        unet = _load(UNet2DConditionModel, base, load_device, dtype, subfolder="unet")
+    with _stage(recorder, "load identitynet"):
+        identitynet = _load(IdentityNet, weights.controlnet, load_device, dtype)
+    scheduler_config = _scheduler_config(base)
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, controlnet=identitynet,
+        scheduler=_make_scheduler("Euler", scheduler_config), add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=not progress)
+    with _stage(recorder, "load adapter"):
+        adapter.load_adapter(pipe, weights.adapter)
+    with _stage(recorder, "apply memory plan"):
+        memory.apply(plan, pipe)
+    with _stage(recorder, "load face analysis"):
+        analyzer = faces.FaceAnalyzer(root=weights.face_root, name="antelopev2", device=plan.face_device)
+    return InstantIDSession(pipe=pipe, faces=analyzer, plan=plan, weights=weights, smoke=weights.smoke,
+                            scheduler_config=scheduler_config, load_seconds=time.perf_counter() - started)
+
+
+def _scheduler_config(base: str) -> dict:
+    from diffusers import EulerDiscreteScheduler
+
+    return dict(EulerDiscreteScheduler.load_config(base, subfolder="scheduler"))
+
+
+def _make_scheduler(name: str, config: dict):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes
+
+
+def official_size(width: int, height: int) -> tuple[int, int]:
+    """The official demo's resize_img: short side to 1024, then long side to 1280, floored to multiples of 64."""
+    ratio = MIN_SIDE / min(width, height)
+    width, height = round(ratio * width), round(ratio * height)
+    ratio = MAX_SIDE / max(width, height)
+    return (round(ratio * width) // MULTIPLE) * MULTIPLE, (round(ratio * height) // MULTIPLE) * MULTIPLE
+
+
+def check_size(width: int, height: int) -> None:
+    """Explicit sizes: multiples of 64 with the long side <= 1280 (what SDXL and the IdentityNet were trained at)."""
+    problems = []
+    if width % MULTIPLE or height % MULTIPLE:
+        problems.append(f"width and height must be multiples of {MULTIPLE}")
+    if max(width, height) > MAX_SIDE:
+        problems.append(f"the long side must be at most {MAX_SIDE}")
+    if min(width, height) < MULTIPLE:
+        problems.append(f"each side must be at least {MULTIPLE}")
+    if problems:
+        presets = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS.values())
+        raise ValueError(f"size {width}x{height} not allowed: {'; '.join(problems)} (e.g. {presets}).")
+
+
+# ----------------------------------------------------------------------------------------------
+# One call
+
+
+def _scaled(points: np.ndarray, source: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    scale = np.array([target[0] / source[0], target[1] / source[1]], dtype=np.float32)
+    return np.asarray(points, dtype=np.float32).reshape(-1, 2) * scale
+
+
+def _face_mask(bbox: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """White face box on black, at output size (the official control_mask)."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    x1, y1, x2, y2 = (int(v) for v in np.asarray(bbox).reshape(-1)[:4])
+    mask[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = 255
+    return Image.fromarray(mask)
+
+
+def _execution_device(pipe) -> torch.device:
+    return getattr(pipe, "_execution_device", None) or pipe.device
+
+
+def face_tokens(pipe, embeds: torch.Tensor) -> torch.Tensor:
+    """Resampler output [batch, tokens, cross_dim] for embeds [batch, 1, seq, 512] (diffusers' layout).
+
+    Runs where the Resampler's weights are now (with offload hooks that is not the execution device;
+    the official code breaks there), then moves the tokens to the execution device.
+    """
+    projection = pipe.unet.encoder_hid_proj
+    parameter = next(projection.parameters())
+    device = _execution_device(pipe) if parameter.is_meta else parameter.device
+    with torch.no_grad():
+        tokens = projection([embeds.to(device, parameter.dtype)])[0]
+    return tokens[:, 0].to(_execution_device(pipe))
+
+
+def _encode_prompt(pipe, prompt: str, negative_prompt: str, num: int, do_cfg: bool) -> dict[str, torch.Tensor]:
+    """Text embeddings in the UNet's dtype on the execution device.
+
+    Encoded here rather than inside the pipeline call because a plan may keep the text encoders on
+    the CPU in float32 while the UNet runs in float16 on the GPU; older diffusers would run them on
+    the wrong device and every version hands their float32 output to the float16 UNet.
+    """
+    encoder = pipe.text_encoder_2
+    on_cpu = not hasattr(encoder, "_hf_hook") and encoder.device.type == "cpu"
+    device = encoder.device if on_cpu else _execution_device(pipe)
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=num,
+                                    do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    target, dtype = _execution_device(pipe), pipe.unet.dtype
+    return {name: tensor.to(target, dtype) for name, tensor in zip(names, embeds) if tensor is not None}
+
+
+@contextlib.contextmanager
+def _text_encoders_detached(pipe):
+    """Hide float32 CPU text encoders from the pipeline call (the embeddings are already made).
+
+    diffusers casts given prompt embeddings to `text_encoder_2.dtype`; with float32 encoders on the
+    CPU and a float16 UNet that cast would break the UNet. Without encoders it casts to the UNet's dtype.
+    """
+    encoders = (pipe.text_encoder, pipe.text_encoder_2)
+    if pipe.text_encoder_2 is None or pipe.text_encoder_2.dtype == pipe.unet.dtype:
+        yield
+        return
+    pipe.register_modules(text_encoder=None, text_encoder_2=None)
+    try:
+        yield
+    finally:
+        pipe.register_modules(text_encoder=encoders[0], text_encoder_2=encoders[1])
+
+
+def _oom_retry_plan(session: InstantIDSession, error: BaseException) -> str:
+    """Free memory, step the plan down and apply it; returns the notice (raises when there is no lighter plan)."""
+    memory.cleanup()
+    lighter = memory.step_down(session.plan)
+    if lighter is None:
+        raise RuntimeError(
+            f"Out of GPU memory with the lightest memory plan ({session.plan.placement}): {error}. "
+            "Try a smaller width/height or fewer images.") from error
+    memory.apply(lighter, session.pipe)
+    notice = (f"Ran out of GPU memory with plan '{session.plan.placement}'; switched to "
+              f"'{lighter.placement}' ({lighter.why}) and ran again.")
+    session.plan = lighter
+    return notice
+
+
+def _set_lcm(session: InstantIDSession, enabled: bool) -> None:
+    """LCM-LoRA: loaded the first time it is switched on, then enabled/disabled (never reloaded)."""
+    pipe = session.pipe
+    if enabled and not session.lcm_loaded:
+        path = Path(session.weights.lcm_lora) if session.weights.lcm_lora else ensure_lcm_lora(session.weights)
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lcm")
+        session.lcm_loaded, session.lcm_loads = True, session.lcm_loads + 1
+    if session.lcm_loaded:
+        (pipe.enable_lora if enabled else pipe.disable_lora)()
+
+
+def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
+    """Latents -> images in [-1, 1]; a NaN/inf decode is redone in float32 with tiling (and said so)."""
+    vae = pipe.vae
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        if torch.isfinite(image).all():
+            return image.float()
+        dtype, tiling = vae.dtype, getattr(vae, "use_tiling", False)
+        vae.to(dtype=torch.float32)
+        vae.enable_tiling()
+        try:
+            image = vae.decode(latents.float(), return_dict=False)[0]
+        finally:
+            vae.to(dtype=dtype)
+            if not tiling:
+                vae.disable_tiling()
+    notices.append(f"The VAE decode in {str(dtype).replace('torch.', '')} gave NaN/inf values; "
+                   "it was redone in float32 with tiling.")
+    return image.float()
+
+
+def _metadata(settings: dict, label: str | None) -> PngInfo:
+    info = PngInfo()
+    text = ", ".join(f"{key}: {value}" for key, value in settings.items() if key not in ("prompt", "negative_prompt"))
+    info.add_text("parameters", f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n{text}")
+    info.add_text("instantid", json.dumps(settings))
+    if label:
+        info.add_text("label", label)
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save with the settings/seed metadata that `generate` attached (PIL drops it unless passed again)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=getattr(image, "pnginfo", None))
+    return path
+
+
+def generate(session: InstantIDSession, face_image, prompt: str = "", *, negative_prompt: str | None = None,
+             style: str = "No style", identitynet_strength: float = 0.8, adapter_strength: float = 0.8,
+             steps: int = 30, guidance_scale: float = 5.0, seed: int = 42, scheduler: str = "Euler",
+             width: int | None = None, height: int | None = None, num_images: int = 1, pose_image=None,
+             enhance_non_face: bool = True, negative_noise: float = 0.0, combine: str = "average",
+             lcm: bool = False, extra_face_images: Sequence = (), callback: Callable[[int, int], None] | None = None,
+             ) -> GenerationResult:
+    """Generate `num_images` images of the person in `face_image`.
+
+    Raises faces.NoFaceError when no face is found. Out of memory once -> lighter plan and one retry
+    (said in `notices`). The returned images carry their settings and seed as PNG text (`save_png`).
+    """
+    started = time.perf_counter()
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, not {combine!r}")
+    prompt = prompt.strip() or DEFAULT_PROMPT
+    styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
+    face_images = [faces.load_image(image) for image in (face_image, *extra_face_images)]
+    embedding, face = session.faces.embed(face_images, combine)
+    layout_image, layout_face = face_images[0], face
+    if pose_image is not None:
+        layout_image = faces.load_image(pose_image)
+        layout_face = session.faces.detect(layout_image)
+    if width is None and height is None:
+        width, height = official_size(*layout_image.size)
+    elif width is None or height is None:
+        raise ValueError("give both width and height, or neither (then the official size rule is used)")
+    check_size(width, height)
+
+    kps = _scaled(layout_face.kps, layout_image.size, (width, height))
+    kps_image = faces.draw_kps((width, height), kps)
+    bbox = _scaled(np.asarray(layout_face.bbox).reshape(2, 2), layout_image.size, (width, height)).reshape(-1)
+    mask_image = _face_mask(bbox, (width, height)) if enhance_non_face else None
+
+    settings = {
+        "prompt": styled_prompt, "negative_prompt": styled_negative, "user_prompt": prompt, "style": style,
+        "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "scheduler": "LCM" if lcm else scheduler,
+        "width": width, "height": height, "num_images": num_images,
+        "identitynet_strength": identitynet_strength, "adapter_strength": adapter_strength,
+        "enhance_non_face": enhance_non_face, "negative_noise": negative_noise, "combine": combine,
+        "reference_faces": len(face_images), "pose_image": pose_image is not None, "lcm": lcm,
+    }
+    label = session.label
+    if label:
+        settings["label"] = label
+    notices: list[str] = []
+    call = dict(prompt=styled_prompt, negative_prompt=styled_negative, embedding=embedding, kps_image=kps_image,
+                mask_image=mask_image, settings=settings, callback=callback)
+    try:
+        images = _denoise_and_decode(session, notices, **call)
+    except _OOM_ERRORS as error:
+        notices.append(_oom_retry_plan(session, error))
+        images = _denoise_and_decode(session, notices, **call)
+
+    for image in images:
+        image.pnginfo = _metadata(settings, label)
+        image.info.update({"instantid": json.dumps(settings)})
+    return GenerationResult(images=images, seed=seed, settings=settings, kps_image=kps_image,
+                            seconds=time.perf_counter() - started, plan=session.plan, notices=notices, label=label)
+
+
+def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
+                        embedding, kps_image, mask_image, settings: dict, callback) -> list[Image.Image]:
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    pipe = session.pipe
+    width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
+    lcm = settings["lcm"]
+    _set_lcm(session, lcm)
+    pipe.scheduler = _make_scheduler("LCM" if lcm else settings["scheduler"], session.scheduler_config)
+    pipe.set_ip_adapter_scale(settings["adapter_strength"])
+
+    embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(1, 1, -1, 512)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    negative = torch.zeros_like(embeds)
+    if settings["negative_noise"] > 0:  # ComfyUI_InstantID's "noise": fights the burnt look of a zero negative
+        negative = settings["negative_noise"] * torch.randn(embeds.shape, generator=generator)
+    do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
+    ip_embeds = torch.cat([negative, embeds]) if do_cfg else embeds
+    num = settings["num_images"]
+    per_image = torch.cat([ip_embeds[i:i + 1].repeat(num, 1, 1, 1) for i in range(ip_embeds.shape[0])])
+    tokens = face_tokens(pipe, per_image)
+
+    face_mask = ip_masks = None
+    if mask_image is not None:
+        processor = IPAdapterMaskProcessor()
+        face_mask = processor.preprocess([mask_image], height=height, width=width)  # [1, 1, H, W]
+        ip_masks = [face_mask.reshape(1, 1, height, width)]
+
+    def on_step_end(_pipe, step, _timestep, tensors):
+        if callback is not None:
+            callback(step + 1, steps)
+        return tensors
+
+    text = _encode_prompt(pipe, prompt, negative_prompt, num, do_cfg)
+    identitynet = pipe.controlnet
+    with identitynet.conditioned(tokens, face_mask), _text_encoders_detached(pipe):
+        latents = pipe(
+            **text, image=kps_image, width=width, height=height,
+            num_inference_steps=steps, guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
+            controlnet_conditioning_scale=settings["identitynet_strength"],
+            ip_adapter_image_embeds=[ip_embeds.to(pipe.unet.dtype)], generator=generator, output_type="latent",
+            cross_attention_kwargs={"ip_adapter_masks": ip_masks} if ip_masks is not None else None,
+            callback_on_step_end=on_step_end,
+        ).images
+    decoded = decode(pipe, latents, notices)
+    pipe.maybe_free_model_hooks()
+    return pipe.image_processor.postprocess(decoded, output_type="pil")
+

@@ -1,0 +1,103 @@
+"""Tiny random-weight models with the real structure (smoke: random weights).
+
+`build_smoke_weights(root)` writes every file `pipeline.load_pipeline` reads, in the real folder
+layout, so the whole InstantID flow runs offline on CPU in seconds. The images mean nothing; every
+place that shows one says SMOKE_LABEL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SMOKE_LABEL = "smoke: random weights"
+_VERSION = 1  # bump when the layout or sizes change, so old smoke folders are rebuilt
+
+
+def default_smoke_root() -> Path:
+    return Path(os.environ.get("INSTANTID_WEIGHTS", "~/.cache/instantid-colab")).expanduser() / "smoke"
+
+
+def tiny_resampler_config():
+    """The smallest Resampler diffusers' IPAdapterPlusImageProjection can hold (depth 4, 64-wide heads)."""
+    from instantid_colab.adapter import ResamplerConfig
+    from instantid_colab.smoke.diffusion import TINY_UNET_CONFIG
+
+    return ResamplerConfig(dim=64, depth=4, dim_head=64, heads=1, num_queries=16, embedding_dim=512,
+                           output_dim=TINY_UNET_CONFIG["cross_attention_dim"], ff_mult=4)
+
+
+def write_adapter(path: Path, unet, config, dtype=None, seed: int = 3) -> None:
+    """ip-adapter.bin in the official pickle layout (`image_proj` / `ip_adapter`) for this UNet."""
+    import torch
+
+    from instantid_colab.smoke.adapter import ip_hidden_sizes_for, official_adapter_state_dict
+
+    state = official_adapter_state_dict(config, ip_hidden_sizes_for(unet), seed=seed, dtype=dtype or torch.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def write_lcm_lora(folder: Path, sizes, seed: int = 4) -> Path:
+    """A LoRA on the UNet's attention projections in diffusers' format (what lcm-lora-sdxl is)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from instantid_colab.smoke.diffusion import build_unet
+
+    unet = build_unet(sizes, seed)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(seed)
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def build_smoke_weights(root: str | Path | None = None):
+    """Write (once) tiny random-weight InstantID files under `root`; returns WeightPaths(smoke=True)."""
+    from instantid_colab.weights import ANTELOPEV2_DIR, WeightPaths
+
+    root = Path(root).expanduser() if root is not None else default_smoke_root()
+    paths = WeightPaths(
+        base=str(root / "base" / "smoke-sdxl"),
+        controlnet=root / "InstantID" / "ControlNetModel",
+        adapter=root / "InstantID" / "ip-adapter.bin",
+        face_root=root / "faces",
+        vae=None,
+        smoke=True,
+        lcm_lora=root / "lora" / "lcm-lora-sdxl" / "pytorch_lora_weights.safetensors",
+    )
+    marker = root / "smoke-weights.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("version") == _VERSION:
+        return paths
+
+    from instantid_colab.smoke.diffusion import TINY, write_base, write_identitynet
+    from instantid_colab.smoke.faces import write_smoke_face_models
+
+    unet = write_base(Path(paths.base), TINY)
+    write_identitynet(paths.controlnet, unet)
+    write_adapter(paths.adapter, unet, tiny_resampler_config())
+    write_lcm_lora(paths.lcm_lora.parent, TINY)
+    face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
+    assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
+    marker.write_text(json.dumps({"version": _VERSION, "label": SMOKE_LABEL}))
+    return paths
+
+
+def sample_face_image(size: int = 256, face_color: tuple[int, int, int] = (235, 200, 175)):
+    """A dark picture with one bright square "face" that the smoke detector finds (see smoke.faces).
+
+    The smoke SCRFD fires on a bright square 8 strides wide inside a dark ring twice as wide; at
+    insightface's 640-pixel detection size a square of a fifth of the image side is such a face at
+    stride 16. `face_color` changes the smoke ArcFace embedding (a different "person").
+    """
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (24, 22, 30))
+    side = size // 5
+    left = (size - side) // 2
+    ImageDraw.Draw(image).rectangle([left, left, left + side - 1, left + side - 1], fill=face_color)
+    return image

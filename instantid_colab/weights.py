@@ -1,0 +1,272 @@
+"""Getting the InstantID weights onto disk: hub downloads, a Drive cache, size checks, one offline message.
+
+huggingface_hub does the downloading (resume, local-dir metadata, progress bars); this module only
+knows WHICH files are needed, WHERE they go, and what to tell the user when they are not there.
+Files already on disk are never fetched again, so a folder on Google Drive survives new sessions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+INSTANTID_REPO = "InstantX/InstantID"
+FP16_VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
+LCM_LORA_REPO = "latent-consistency/lcm-lora-sdxl"
+DEFAULT_BASE = "wangqixun/YamerMIX_v8"  # the official demo's base; its repo holds fp16 safetensors only
+
+# SDXL bases we know the file names of: repo -> diffusers variant of its fp16 safetensors
+# (None: the plain file names already are fp16).
+BASE_MODELS: dict[str, str | None] = {
+    "wangqixun/YamerMIX_v8": None,
+    "stabilityai/stable-diffusion-xl-base-1.0": "fp16",
+}
+
+# antelopev2 mirrors on the hub (insightface's own download link is dead). Each keeps the files under
+# models/antelopev2/, which is exactly insightface's layout below face_root.
+ANTELOPEV2_MIRRORS: tuple[tuple[str, str], ...] = (
+    ("InstantX/InstantID", "space"),
+    ("lithiumice/insightface", "model"),
+)
+ANTELOPEV2_DIR = "models/antelopev2"
+# InstantID needs the detector (boxes + 5 keypoints) and the 512-d ArcFace recogniser only.
+ANTELOPEV2_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
+
+# Exact sizes in bytes (and sha256 where published in full) of files we know; others are checked non-empty.
+KNOWN_SIZES: dict[str, int] = {
+    "ControlNetModel/diffusion_pytorch_model.safetensors": 2_502_139_136,
+}
+KNOWN_SHA256: dict[str, str] = {}
+
+DRIVE_ROOT = Path("/content/drive/MyDrive/instantid-colab/weights")
+
+
+@dataclass(frozen=True)
+class WeightPaths:
+    """Local paths of everything `pipeline.load_pipeline` reads."""
+
+    base: str
+    controlnet: Path
+    adapter: Path
+    face_root: Path
+    vae: str | None
+    smoke: bool = False
+    lcm_lora: Path | None = None  # filled on first LCM use (`ensure_lcm_lora`) unless already known
+
+
+class MissingWeightsError(RuntimeError):
+    """Weights are absent and could not be downloaded; the message lists every file and where it goes."""
+
+
+class WeightSizeError(RuntimeError):
+    """A weight file on disk has the wrong size (a cut-off download or the wrong file)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Files of one hub repo that land in one local folder."""
+
+    repo_id: str
+    files: tuple[str, ...]
+    local_dir: Path
+    repo_type: str = "model"
+
+    def url(self, file: str) -> str:
+        prefix = "spaces/" if self.repo_type == "space" else ""
+        return f"https://huggingface.co/{prefix}{self.repo_id}/resolve/main/{file}"
+
+
+# downloader(source, progress) fetches source.files into source.local_dir or raises.
+Downloader = Callable[[Source, bool], None]
+
+
+def hub_downloader(source: Source, progress: bool) -> None:
+    """snapshot_download with allow_patterns = exactly the files we need (resumes partial files)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+    try:
+        snapshot_download(source.repo_id, repo_type=source.repo_type, allow_patterns=list(source.files),
+                          local_dir=source.local_dir)
+    finally:
+        if not progress:
+            enable_progress_bars()
+
+
+def base_files(repo_id: str, variant: str | None, with_vae: bool) -> tuple[str, ...]:
+    """The files of a diffusers SDXL pipeline repo that loading needs (fp16 safetensors only)."""
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    files = ["model_index.json", "scheduler/scheduler_config.json",
+             "unet/config.json", f"unet/diffusion_pytorch_model{suffix}"]
+    for encoder in ("text_encoder", "text_encoder_2"):
+        files += [f"{encoder}/config.json", f"{encoder}/model{suffix}"]
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        files += [f"{tokenizer}/{name}" for name in
+                  ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")]
+    if with_vae:
+        files += ["vae/config.json", f"vae/diffusion_pytorch_model{suffix}"]
+    return tuple(files)
+
+
+def default_root(drive: bool = False) -> Path:
+    """Google Drive folder when asked (must be mounted), else $INSTANTID_WEIGHTS or ~/.cache/instantid-colab."""
+    if drive:
+        if not DRIVE_ROOT.parent.parent.exists():
+            raise MissingWeightsError(
+                "Google Drive is not mounted. In Colab run: from google.colab import drive; "
+                "drive.mount('/content/drive'), then try again (or pass drive=False).")
+        return DRIVE_ROOT
+    return Path(os.environ.get("INSTANTID_WEIGHTS", "~/.cache/instantid-colab")).expanduser()
+
+
+def sources(root: Path, base: str = DEFAULT_BASE, fp16_vae: bool = True) -> list[Source]:
+    """Everything InstantID needs except antelopev2 (which has mirrors, see `ANTELOPEV2_MIRRORS`)."""
+    if base not in BASE_MODELS:
+        known = ", ".join(BASE_MODELS)
+        raise ValueError(f"unknown SDXL base {base!r}: add it to weights.BASE_MODELS (known: {known})")
+    found = [
+        Source(INSTANTID_REPO, ("ControlNetModel/config.json", "ControlNetModel/diffusion_pytorch_model.safetensors",
+                                "ip-adapter.bin"), root / "InstantID"),
+        Source(base, base_files(base, BASE_MODELS[base], with_vae=not fp16_vae), root / "base" / base.replace("/", "--")),
+    ]
+    if fp16_vae:
+        found.append(Source(FP16_VAE_REPO, ("config.json", "diffusion_pytorch_model.safetensors"),
+                            root / "vae" / FP16_VAE_REPO.replace("/", "--")))
+    return found
+
+
+def flatten_antelopev2(folder: Path) -> None:
+    """Move .onnx files from nested folders (antelopev2/antelopev2/*.onnx after unzipping) up into `folder`.
+
+    insightface only looks at face_root/models/antelopev2/*.onnx; a nested copy gives a confusing
+    "no detection model" assertion.
+    """
+    if not folder.is_dir():
+        return
+    for onnx in sorted(folder.rglob("*.onnx")):
+        if onnx.parent != folder and not (folder / onnx.name).exists():
+            shutil.move(str(onnx), folder / onnx.name)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(sub.iterdir()):
+            sub.rmdir()
+
+
+def check_file(path: Path, name: str) -> None:
+    """Raise WeightSizeError when a file we know is not the size (or hash) it should be."""
+    size = path.stat().st_size
+    expected = KNOWN_SIZES.get(name)
+    if expected is not None and size != expected:
+        raise WeightSizeError(
+            f"{path} is {size:,} bytes but {name} must be {expected:,} bytes (a partial or wrong download). "
+            f"Delete it and run the download again.")
+    if size == 0:
+        raise WeightSizeError(f"{path} is empty. Delete it and run the download again.")
+    if name in KNOWN_SHA256:
+        import hashlib
+
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != KNOWN_SHA256[name]:
+            raise WeightSizeError(f"{path} has sha256 {digest.hexdigest()}, expected {KNOWN_SHA256[name]}.")
+
+
+def _missing(source: Source) -> list[str]:
+    return [file for file in source.files if not (source.local_dir / file).is_file()]
+
+
+def _fetch(candidates: Iterable[Source], downloader: Downloader, progress: bool, offline: bool) -> tuple[Source, list[str], str]:
+    """Try each candidate source until one has all its files; returns (source, still missing, error text)."""
+    candidates = list(candidates)
+    errors = []
+    for source in candidates:
+        if not _missing(source):
+            return source, [], ""
+    if not offline:
+        for source in candidates:
+            try:
+                downloader(source, progress)
+            except Exception as error:  # noqa: BLE001 - any hub/network failure ends in the one message below
+                errors.append(f"{source.repo_id}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            if not _missing(source):
+                return source, [], ""
+    first = candidates[0]
+    return first, _missing(first), "; ".join(errors)
+
+
+def ensure_weights(root: str | Path | None = None, *, base: str = DEFAULT_BASE, fp16_vae: bool = True,
+                   drive: bool = False, offline: bool | None = None, downloader: Downloader = hub_downloader,
+                   progress: bool = True) -> WeightPaths:
+    """Make sure every InstantID file is on disk under `root` (downloading what is missing) and return paths.
+
+    Raises MissingWeightsError once, listing every missing file with its URL and expected path, when
+    the hub cannot be reached (offline=True, HF_HUB_OFFLINE=1, or network errors).
+    """
+    root = Path(root).expanduser() if root is not None else default_root(drive)
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    face_root = root / "faces"
+    flatten_antelopev2(face_root / ANTELOPEV2_DIR)
+    face_sources = [Source(repo, tuple(f"{ANTELOPEV2_DIR}/{f}" for f in ANTELOPEV2_FILES), face_root, repo_type)
+                    for repo, repo_type in ANTELOPEV2_MIRRORS]
+
+    missing_lines, errors = [], []
+    for candidates in [[s] for s in sources(root, base, fp16_vae)] + [face_sources]:
+        source, missing, error = _fetch(candidates, downloader, progress, offline)
+        if error:
+            errors.append(error)
+        if source in face_sources:
+            flatten_antelopev2(face_root / ANTELOPEV2_DIR)
+            missing = _missing(source)
+        missing_lines += [f"  {source.url(f)}\n    -> {source.local_dir / f}" for f in missing]
+    if missing_lines:
+        reason = "offline mode is on" if offline else "the Hugging Face hub could not be reached"
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise MissingWeightsError(
+            f"InstantID weights are missing and {reason}{detail}. Download these files and put each at the "
+            f"path shown (or connect to the internet and run `python -m instantid_colab download`):\n"
+            + "\n".join(missing_lines))
+
+    all_sources = sources(root, base, fp16_vae)
+    for source in all_sources:
+        for file in source.files:
+            check_file(source.local_dir / file, file)
+    instantid, base_source = all_sources[0], all_sources[1]
+    return WeightPaths(
+        base=str(base_source.local_dir),
+        controlnet=instantid.local_dir / "ControlNetModel",
+        adapter=instantid.local_dir / "ip-adapter.bin",
+        face_root=face_root,
+        vae=str(all_sources[2].local_dir) if fp16_vae else None,
+        lcm_lora=_lcm_source(root).local_dir / "pytorch_lora_weights.safetensors"
+        if not _missing(_lcm_source(root)) else None,
+    )
+
+
+def _lcm_source(root: Path) -> Source:
+    return Source(LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",), root / "lora" / "lcm-lora-sdxl")
+
+
+def ensure_lcm_lora(weights: WeightPaths, *, downloader: Downloader = hub_downloader, progress: bool = True,
+                    offline: bool | None = None) -> Path:
+    """The LCM-LoRA file (downloaded on first use; it is only needed when LCM is switched on)."""
+    if weights.lcm_lora is not None and Path(weights.lcm_lora).is_file():
+        return Path(weights.lcm_lora)
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    root = Path(weights.controlnet).parent.parent
+    source, missing, error = _fetch([_lcm_source(root)], downloader, progress, offline)
+    if missing:
+        file = missing[0]
+        raise MissingWeightsError(
+            f"The LCM-LoRA is missing and could not be downloaded{f' ({error})' if error else ''}. "
+            f"Download {source.url(file)} and put it at {source.local_dir / file}, or switch LCM off.")
+    path = source.local_dir / source.files[0]
+    check_file(path, source.files[0])
+    return path

@@ -1,0 +1,215 @@
+"""InstantID pipeline on tiny random weights (smoke: random weights), CPU, a few steps."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from PIL import Image
+
+from instantid_colab import memory, pipeline, smoke
+from instantid_colab.faces import NoFaceError
+
+SIZE = dict(width=128, height=64, steps=2)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke"))
+
+
+@pytest.fixture(scope="module")
+def session(weights):
+    return pipeline.load_pipeline(weights, memory.choose_plan(16, None), progress=False)
+
+
+@pytest.fixture(scope="module")
+def face():
+    return smoke.sample_face_image()
+
+
+def _pixels(result):
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+def test_size_label_and_seed_reproducibility(session, face):
+    first = pipeline.generate(session, face, "a man", seed=1, **SIZE)
+    again = pipeline.generate(session, face, "a man", seed=1, **SIZE)
+    other = pipeline.generate(session, face, "a man", seed=2, **SIZE)
+    assert first.images[0].size == (128, 64)
+    assert first.label == smoke.SMOKE_LABEL and first.seed == 1
+    assert np.array_equal(_pixels(first), _pixels(again))
+    assert np.abs(_pixels(first) - _pixels(other)).mean() > 1.0
+    assert first.kps_image.size == (128, 64)
+
+
+def test_identitynet_gets_only_the_face_tokens_and_unet_gets_text_plus_ip(session, face, monkeypatch):
+    seen = {}
+    original_cn, original_unet = ControlNetModel.forward, type(session.pipe.unet).forward
+
+    def controlnet_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.setdefault("identitynet", encoder_hidden_states.detach().clone())
+        return original_cn(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    def unet_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.setdefault("unet", (encoder_hidden_states.shape, kwargs["added_cond_kwargs"]["image_embeds"]))
+        return original_unet(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", controlnet_forward)
+    monkeypatch.setattr(type(session.pipe.unet), "forward", unet_forward)
+    result = pipeline.generate(session, face, "a man", adapter_strength=0.6, seed=3, **SIZE)
+
+    cross_dim = session.pipe.unet.config.cross_attention_dim
+    tokens = seen["identitynet"]
+    assert tokens.shape == (2, 16, cross_dim)  # [negative, positive] x 16 face tokens, no text
+    embedding, _ = session.faces.embed([face])
+    resampler = session.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    with torch.no_grad():
+        positive = resampler(torch.as_tensor(embedding).reshape(1, 1, 512))
+        negative = resampler(torch.zeros(1, 1, 512))
+    torch.testing.assert_close(tokens[1], positive[0])
+    torch.testing.assert_close(tokens[0], negative[0])
+
+    text_shape, image_embeds = seen["unet"]
+    assert tuple(text_shape) == (2, 77, cross_dim)  # the UNet's context is the text; face tokens go via IP attention
+    assert image_embeds[0].shape == (2, 1, 1, 512)
+    cross = [p for name, p in session.pipe.unet.attn_processors.items() if name.endswith("attn2.processor")]
+    assert cross and all(isinstance(p, IPAdapterAttnProcessor2_0) for p in cross)
+    assert all(p.scale == [0.6] for p in cross)
+    assert result.settings["adapter_strength"] == 0.6
+
+
+def test_negative_noise_changes_the_negative_tokens_only(session, face, monkeypatch):
+    seen = []
+    original = ControlNetModel.forward
+
+    def controlnet_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append(encoder_hidden_states.detach().clone())
+        return original(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", controlnet_forward)
+    pipeline.generate(session, face, seed=4, negative_noise=0.0, **SIZE)
+    pipeline.generate(session, face, seed=4, negative_noise=0.35, **SIZE)
+    plain, noisy = seen[0], seen[-1]
+    torch.testing.assert_close(plain[1], noisy[1])
+    assert (plain[0] - noisy[0]).abs().max() > 1e-3
+
+
+def test_face_mask_zeroes_identitynet_residuals_outside_the_face(session):
+    net = session.pipe.controlnet
+    mask = torch.zeros(1, 1, 64, 128)
+    mask[..., 16:48, 32:96] = 1
+    sample = torch.randn(2, 4, 8, 16)
+    tokens = torch.randn(2, 16, net.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    cond = torch.rand(2, 3, 64, 128)
+    with net.conditioned(tokens, mask), torch.no_grad():
+        down, mid = net(sample, 10, None, cond, added_cond_kwargs=added, return_dict=False)
+    assert down[0][..., :2, :].abs().max() == 0 and down[0][..., 2:6, 4:12].abs().max() > 0
+    assert mid.shape[-2:] == (4, 8)
+    assert mid[..., 0, :].abs().max() == 0 and mid[..., :, :2].abs().max() == 0
+    assert mid[..., 1:3, 2:6].abs().min() > 0
+
+
+def test_nan_decode_is_redone(session, face):
+    calls = []
+
+    def nan_once(module, inputs, output):
+        calls.append(1)
+        return torch.full_like(output, float("nan")) if len(calls) == 1 else output
+
+    handle = session.pipe.vae.decoder.register_forward_hook(nan_once)
+    try:
+        result = pipeline.generate(session, face, seed=5, **SIZE)
+    finally:
+        handle.remove()
+    assert len(calls) >= 2
+    assert any("NaN" in notice and "float32" in notice for notice in result.notices)
+    pixels = _pixels(result)
+    assert pixels.std() > 0 and not getattr(session.pipe.vae, "use_tiling", False)
+
+
+def test_out_of_memory_steps_the_plan_down_and_retries_once(session, face, monkeypatch):
+    lighter = dataclasses.replace(session.plan, why="lighter plan for the test", vae_tiling=True)
+    applied = []
+    monkeypatch.setattr(memory, "step_down", lambda plan: lighter)
+    monkeypatch.setattr(memory, "apply", lambda plan, pipe: applied.append(plan))
+    raised = []
+
+    def oom_once(module, args):
+        if not raised:
+            raised.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    original_plan = session.plan
+    handle = session.pipe.unet.register_forward_pre_hook(oom_once)
+    try:
+        result = pipeline.generate(session, face, seed=6, **SIZE)
+    finally:
+        handle.remove()
+        session.plan = original_plan
+    assert raised == [1] and applied == [lighter]
+    assert result.plan == lighter and result.images[0].size == (128, 64)
+    assert any("Ran out of GPU memory" in notice and "lighter plan for the test" in notice for notice in result.notices)
+
+
+def test_official_output_size_rule():
+    assert pipeline.official_size(3000, 2000) == (1280, 832)
+    assert pipeline.official_size(1000, 1000) == (1280, 1280)
+    assert pipeline.official_size(768, 1024) == (960, 1280)
+    assert pipeline.official_size(640, 480) == (1280, 960)
+    pipeline.check_size(1152, 896)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        pipeline.check_size(1000, 1000)
+    with pytest.raises(ValueError, match="at most 1280"):
+        pipeline.check_size(1344, 768)
+
+
+def test_png_metadata_round_trip(session, face, tmp_path):
+    result = pipeline.generate(session, face, "a pilot", style="Watercolor", seed=7, **SIZE)
+    path = pipeline.save_png(result.images[0], tmp_path / "out.png")
+    text = Image.open(path).text
+    settings = json.loads(text["instantid"])
+    assert settings["seed"] == 7 and settings["steps"] == 2 and settings["style"] == "Watercolor"
+    assert settings["prompt"].startswith("watercolor painting, a pilot.")
+    assert text["label"] == smoke.SMOKE_LABEL and "seed: 7" in text["parameters"]
+
+
+def test_empty_prompt_is_a_person_and_no_face_is_an_error(session, face):
+    assert pipeline.generate(session, face, "  ", seed=8, **SIZE).settings["user_prompt"] == "a person"
+    with pytest.raises(NoFaceError):
+        pipeline.generate(session, Image.new("RGB", (128, 128)), "x", **SIZE)
+
+
+def test_pose_image_supplies_the_keypoints(session, face):
+    pose = Image.new("RGB", (256, 256), (24, 22, 30))
+    pose.paste(face.crop((64, 64, 192, 192)), (0, 128))  # the face moved to the bottom-left
+    result = pipeline.generate(session, face, seed=9, pose_image=pose, width=128, height=128, steps=2)
+    kps = np.asarray(result.kps_image).sum(axis=2)
+    assert kps[64:, :64].sum() > 0 and kps[:48, 64:].sum() == 0
+
+
+def test_lcm_toggle_switches_scheduler_and_loads_the_lora_once(weights, face):
+    session = pipeline.load_pipeline(weights, memory.choose_plan(16, None), progress=False)
+    before = pipeline.generate(session, face, seed=10, **SIZE)
+    pipeline.generate(session, face, seed=10, lcm=True, guidance_scale=1.5, **SIZE)
+    assert type(session.pipe.scheduler).__name__ == "LCMScheduler"
+    pipeline.generate(session, face, seed=10, lcm=True, guidance_scale=1.5, **SIZE)
+    assert session.lcm_loads == 1 and "lcm" in session.pipe.get_list_adapters()["unet"]
+    after = pipeline.generate(session, face, seed=10, **SIZE)
+    assert type(session.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert np.array_equal(_pixels(before), _pixels(after))  # LoRA really switched off again
+
+
+def test_float32_cpu_text_encoders_feed_a_lower_precision_unet(weights, face):
+    """The step-down layout: text encoders stay float32 on the CPU while the denoiser runs in half precision."""
+    session = pipeline.load_pipeline(weights, memory.choose_plan(16, None), progress=False)
+    for model in (session.pipe.unet, session.pipe.controlnet, session.pipe.vae):
+        model.to(torch.bfloat16)  # bfloat16: the CPU stand-in for the GPU's float16
+    result = pipeline.generate(session, face, "a man", seed=11, **SIZE)
+    assert result.images[0].size == (128, 64)
+    assert session.pipe.text_encoder_2.dtype == torch.float32
+    assert session.pipe.config.text_encoder_2 == ("transformers", "CLIPTextModelWithProjection")

@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from instantid_colab import weights
+from instantid_colab.weights import MissingWeightsError, WeightSizeError, ensure_weights
+
+
+def _expected_files(root: Path) -> list[Path]:
+    files = [s.local_dir / f for s in weights.sources(root) for f in s.files]
+    return files + [root / "faces" / weights.ANTELOPEV2_DIR / f for f in weights.ANTELOPEV2_FILES]
+
+
+def _writer(sizes: dict[str, int] | None = None, fail: set[str] = frozenset()):
+    """A fake hub: writes every requested file (tiny) unless the repo is in `fail`; records calls."""
+    calls = []
+
+    def download(source, progress):
+        calls.append(source.repo_id)
+        if source.repo_id in fail:
+            raise ConnectionError(f"cannot reach {source.repo_id}")
+        for file in source.files:
+            path = source.local_dir / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * (sizes or {}).get(file, 16))
+
+    download.calls = calls
+    return download
+
+
+def test_unreachable_hub_gives_one_message_listing_every_missing_file(tmp_path):
+    def offline_hub(source, progress):
+        raise ConnectionError("Name or service not known")
+
+    with pytest.raises(MissingWeightsError) as caught:
+        ensure_weights(tmp_path, downloader=offline_hub, progress=False)
+    message = str(caught.value)
+    assert "could not be reached" in message and "ConnectionError" in message
+    for path in _expected_files(tmp_path):
+        assert f"-> {path}" in message
+    assert message.count("-> ") == len(_expected_files(tmp_path))
+    assert "https://huggingface.co/InstantX/InstantID/resolve/main/ip-adapter.bin" in message
+    assert "https://huggingface.co/spaces/InstantX/InstantID/resolve/main/models/antelopev2/glintr100.onnx" in message
+
+
+def test_offline_mode_never_calls_the_hub(tmp_path):
+    hub = _writer()
+    with pytest.raises(MissingWeightsError, match="offline mode is on"):
+        ensure_weights(tmp_path, downloader=hub, offline=True)
+    assert hub.calls == []
+
+
+def test_wrong_size_names_the_file_and_both_sizes(tmp_path):
+    with pytest.raises(WeightSizeError) as caught:
+        ensure_weights(tmp_path, downloader=_writer(), progress=False)
+    message = str(caught.value)
+    assert "ControlNetModel/diffusion_pytorch_model.safetensors" in message
+    assert "is 16 bytes" in message and "2,502,139,136 bytes" in message
+
+
+def test_complete_download_returns_paths_and_second_call_downloads_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "KNOWN_SIZES", {"ControlNetModel/diffusion_pytorch_model.safetensors": 32})
+    sizes = {"ControlNetModel/diffusion_pytorch_model.safetensors": 32}
+    hub = _writer(sizes)
+    paths = ensure_weights(tmp_path, downloader=hub, progress=False)
+    assert paths.controlnet == tmp_path / "InstantID" / "ControlNetModel"
+    assert paths.adapter == tmp_path / "InstantID" / "ip-adapter.bin"
+    assert Path(paths.base, "unet", "diffusion_pytorch_model.safetensors").is_file()  # YamerMIX: fp16 without variant
+    assert Path(paths.vae, "config.json").is_file() and not paths.smoke
+    assert (paths.face_root / "models" / "antelopev2" / "glintr100.onnx").is_file()
+    assert hub.calls == ["InstantX/InstantID", "wangqixun/YamerMIX_v8", "madebyollin/sdxl-vae-fp16-fix",
+                         "InstantX/InstantID"]
+    hub.calls.clear()
+    assert ensure_weights(tmp_path, downloader=hub) == paths
+    assert hub.calls == []
+
+
+def test_antelopev2_falls_back_to_the_next_mirror_and_base_variant(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "KNOWN_SIZES", {})
+    first_mirror = weights.ANTELOPEV2_MIRRORS[0][0]
+    calls = []
+
+    def hub(source, progress):
+        calls.append((source.repo_id, source.repo_type))
+        if source.repo_type == "space" and source.repo_id == first_mirror:
+            raise ConnectionError("space is sleeping")
+        _writer()(source, progress)
+
+    paths = ensure_weights(tmp_path, base="stabilityai/stable-diffusion-xl-base-1.0", downloader=hub)
+    assert ("lithiumice/insightface", "model") in calls
+    assert Path(paths.base, "unet", "diffusion_pytorch_model.fp16.safetensors").is_file()
+
+
+def test_nested_antelopev2_folder_is_flattened(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "KNOWN_SIZES", {})
+    hub = _writer()
+    for source in weights.sources(tmp_path):
+        hub(source, False)
+    nested = tmp_path / "faces" / "models" / "antelopev2" / "antelopev2"
+    nested.mkdir(parents=True)
+    for name in weights.ANTELOPEV2_FILES:
+        (nested / name).write_bytes(b"onnx")
+    paths = ensure_weights(tmp_path, downloader=hub, offline=True)
+    folder = paths.face_root / "models" / "antelopev2"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(weights.ANTELOPEV2_FILES)
+    assert not nested.exists()
+
+
+def test_unknown_base_is_refused_with_the_known_list(tmp_path):
+    with pytest.raises(ValueError, match="stabilityai/stable-diffusion-xl-base-1.0"):
+        ensure_weights(tmp_path, base="someone/sd15", downloader=_writer())
