@@ -131,8 +131,11 @@ def run_scenario(name: str, args) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total))
     root = Path(args.weights)
+    # Ours (c, d) decode with the fp16-fixed VAE as the product does (random weights here); the seeds'
+    # recipe and the official setup (a, b) use the stock SDXL VAE, upcast to float32.
+    vae = str(root / "base" / "vae") if name in ("c", "d") else None
     weights = WeightPaths(base=str(root / "base"), controlnet=root / "InstantID" / "ControlNetModel",
-                          adapter=root / "InstantID" / "ip-adapter.bin", face_root=root / "faces", vae=None, smoke=True)
+                          adapter=root / "InstantID" / "ip-adapter.bin", face_root=root / "faces", vae=vae, smoke=True)
     plan = scenario_plan(name, args.tiny)
     size = 128 if args.tiny else 1024
     face = smoke.sample_face_image(512)

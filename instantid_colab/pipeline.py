@@ -286,7 +286,7 @@ def face_tokens(pipe, embeds: torch.Tensor) -> torch.Tensor:
     return tokens[:, 0].to(_execution_device(pipe))
 
 
-def _encode_prompt(pipe, prompt: str, negative_prompt: str, num: int, do_cfg: bool) -> dict[str, torch.Tensor]:
+def _encode_prompt(pipe, prompt: str, negative_prompt: str, do_cfg: bool) -> dict[str, torch.Tensor]:
     """Text embeddings in the UNet's dtype on the execution device.
 
     Encoded here rather than inside the pipeline call because a plan may keep the text encoders on
@@ -297,7 +297,7 @@ def _encode_prompt(pipe, prompt: str, negative_prompt: str, num: int, do_cfg: bo
     on_cpu = not hasattr(encoder, "_hf_hook") and encoder.device.type == "cpu"
     device = encoder.device if on_cpu else _execution_device(pipe)
     with torch.no_grad():
-        embeds = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=num,
+        embeds = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
                                     do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     target, dtype = _execution_device(pipe), pipe.unet.dtype
@@ -480,7 +480,8 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     face_mask = ip_masks = None
     if mask_image is not None:
         processor = IPAdapterMaskProcessor()
-        face_mask = processor.preprocess([mask_image], height=height, width=width)  # [1, 1, H, W]
+        # On the execution device once: diffusers resizes the IP mask in every attention call of every step.
+        face_mask = processor.preprocess([mask_image], height=height, width=width).to(_execution_device(pipe))
         ip_masks = [face_mask.reshape(1, 1, height, width)]
 
     def on_step_end(_pipe, step, _timestep, tensors):
@@ -488,7 +489,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
             callback(step + 1, steps)
         return tensors
 
-    text = _encode_prompt(pipe, prompt, negative_prompt, num, do_cfg)
+    text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     identitynet = pipe.controlnet
     with identitynet.conditioned(tokens, face_mask), _text_encoders_detached(pipe):
         latents = pipe(

@@ -46,6 +46,22 @@ def test_size_label_and_seed_reproducibility(session, face):
     assert first.kps_image.size == (128, 64)
 
 
+
+def test_several_images_per_call_are_distinct_and_share_the_face_tokens(session, face, monkeypatch):
+    seen = []
+    original_cn = ControlNetModel.forward
+
+    def controlnet_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append((sample.shape[0], encoder_hidden_states.shape[0]))
+        return original_cn(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", controlnet_forward)
+    result = pipeline.generate(session, face, "a man", seed=5, num_images=3, **SIZE)
+    assert [image.size for image in result.images] == [(128, 64)] * 3
+    assert seen[0] == (6, 6)  # 3 images x (negative, positive), one face-token set per latent
+    pixels = [np.asarray(image, dtype=np.int16) for image in result.images]
+    assert np.abs(pixels[0] - pixels[1]).mean() > 1.0 and np.abs(pixels[1] - pixels[2]).mean() > 1.0
+
 def test_identitynet_gets_only_the_face_tokens_and_unet_gets_text_plus_ip(session, face, monkeypatch):
     seen = {}
     original_cn, original_unet = ControlNetModel.forward, type(session.pipe.unet).forward

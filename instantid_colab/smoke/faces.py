@@ -27,6 +27,8 @@ KPS_OFFSETS = ((-1.6, -1.2), (1.6, -1.2), (0.0, 0.4), (-1.2, 2.0), (1.2, 2.0))
 # A "face" pixel is bright but not white, on insightface's normalised input (pixel - 127.5) / 128.
 BRIGHTNESS_BAND = (0.25, 0.85)
 OPSET = 13
+# The IR version the newest onnx writes (14) is refused by onnxruntime < 1.31; 10 loads from 1.16 up.
+IR_VERSION = 10
 
 
 def _const(name: str, value) -> onnx.NodeProto:
@@ -94,7 +96,7 @@ def _detector() -> onnx.ModelProto:
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
         scores + boxes + kpss,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def _recogniser(seed: int = 0) -> onnx.ModelProto:
@@ -111,7 +113,7 @@ def _recogniser(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 3, 112, 112])],
         [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["batch", 512])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
 def write_smoke_face_models(root: Path, name: str = "antelopev2") -> Path:
