@@ -1,0 +1,248 @@
+"""Small helpers that keep the notebooks' cells to one or two calls.
+
+Every branch a notebook would need (Colab or not, smoke or real, Drive or not, upload or path)
+lives here, so each cell stays a short, readable call into the package. No generation or model
+logic lives here: that belongs to `pipeline`, `weights`, `memory` and `pose`.
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from instantid_colab.memory import MemoryPlan, StageRecorder
+    from instantid_colab.pipeline import GenerationResult, InstantIDSession
+    from instantid_colab.pose.benchmark import BenchmarkResult
+    from instantid_colab.weights import WeightPaths
+
+DRIVE_MOUNT_POINT = Path("/content/drive")
+SWITCH_RUNTIME_HINT = "Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then Run all again"
+
+
+class NoGPUError(RuntimeError):
+    """The runtime has no CUDA GPU, and this notebook needs one outside smoke mode."""
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab kernel (its `google.colab` module is only installed there)."""
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_gpu(smoke: bool = False) -> None:
+    """Print which GPU this runtime has; without one, stop with how to switch (smoke mode needs none)."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        line = f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB"
+    elif smoke:
+        line = "GPU: none (smoke: random weights run on the CPU, no GPU needed)"
+    else:
+        where = "In Colab: " if in_colab() else "On Colab: "
+        raise NoGPUError(
+            "This runtime has no CUDA GPU, and this notebook needs one (a free T4 is enough). "
+            f"{where}{SWITCH_RUNTIME_HINT}."
+        )
+    print(line)
+
+
+def mount_drive(use_drive: bool, folder: str = "instantid-colab") -> Path | None:
+    """Mount Google Drive and return `MyDrive/<folder>` (created), or None when Drive is off or absent.
+
+    Weights cached there survive the Colab VM, so the next session skips the ~10 GB download.
+    """
+    if not use_drive:
+        print("Google Drive: not used (downloads go to this runtime's disk and vanish with it)")
+        return None
+    if not in_colab():
+        print("Google Drive: only available inside Colab; using this machine's disk")
+        return None
+    from google.colab import drive
+
+    drive.mount(str(DRIVE_MOUNT_POINT))
+    path = DRIVE_MOUNT_POINT / "MyDrive" / folder
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"Google Drive cache: {path}")
+    return path
+
+
+def install_dependencies(smoke: bool = False) -> None:
+    """Install what this runtime lacks through the package's installer (torch is never touched).
+
+    Smoke mode only plans (a dry run), so CI changes nothing. Stops "Run all" when pip failed or the
+    runtime must be restarted, because the cells after it would fail less clearly.
+    """
+    from instantid_colab import environment
+
+    result = environment.install(dry_run=smoke)
+    print(("smoke: dry run, nothing installed\n" if smoke else "") + result.render())
+    if result.error or result.problems:
+        raise RuntimeError("Installing the libraries failed (details above). Fix what it says, then Run all again.")
+    if result.restart_needed:
+        raise RuntimeError("Restart the runtime (Runtime > Restart session), then Run all again: "
+                           "a library this runtime had already imported was upgraded.")
+
+
+def doctor() -> None:
+    """Print the environment, memory and memory-plan report (`python -m instantid_colab doctor`)."""
+    from instantid_colab.cli import main
+
+    main(["doctor"])
+
+
+def fetch_weights(smoke: bool, drive_dir: Path | None = None, base_model: str = "",
+                  work_dir: str | Path = "outputs") -> WeightPaths:
+    """Real weights from the hub (into Drive when it is mounted, with progress bars), or tiny random ones in smoke mode."""
+    if smoke:
+        from instantid_colab.smoke import SMOKE_LABEL, build_smoke_weights
+
+        paths = build_smoke_weights(Path(work_dir) / "smoke-weights")
+        print(f"Weights: {SMOKE_LABEL} (tiny models with the real structure, nothing downloaded)")
+        return paths
+    from instantid_colab.weights import DEFAULT_BASE, ensure_weights
+
+    return ensure_weights(base=base_model or DEFAULT_BASE, drive=drive_dir is not None)
+
+
+# One loaded pipeline per kernel: re-running a cell must not load a second ~10 GB copy next to the
+# first (that is an out-of-memory crash on a T4), so the same weights and plan return the same session.
+# Other weights or another plan replace it (the notebook's `session` variable still holds the old one
+# until the cell finishes, so switching models mid-session may need Runtime > Restart session).
+_loaded: dict[tuple, InstantIDSession] = {}
+
+
+def load_session(weights: WeightPaths, plan: MemoryPlan | None = None,
+                 recorder: StageRecorder | None = None) -> InstantIDSession:
+    """Build the InstantID session once per kernel (`pipeline.load_pipeline`), reuse it on re-runs."""
+    from instantid_colab.pipeline import load_pipeline
+
+    key = (weights, plan)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = load_pipeline(weights, plan=plan, recorder=recorder)
+    else:
+        print("Models already loaded in this runtime: reusing them")
+    return _loaded[key]
+
+
+def face_image(path: str = "", smoke: bool = False) -> Image.Image:
+    """The face photo: `path` if given, else an upload box in Colab, else (smoke) the bundled sample face."""
+    from PIL import Image
+
+    if path:
+        return Image.open(path).convert("RGB")
+    if smoke:
+        from instantid_colab.smoke import sample_face_image
+
+        return sample_face_image()
+    if in_colab():
+        import io
+
+        from google.colab import files
+
+        uploaded = files.upload()
+        if uploaded:
+            return Image.open(io.BytesIO(next(iter(uploaded.values())))).convert("RGB")
+    raise FileNotFoundError("No face photo: upload one when asked, or set FACE_IMAGE to the path of a photo.")
+
+
+SMOKE_SIZE = 128  # the tiny random-weight model at 1024 px takes minutes per step on a CPU; 128 px takes seconds
+
+
+def output_size(size: str = "Auto", smoke: bool = False) -> tuple[int | None, int | None]:
+    """The form's size preset (`pipeline.SIZE_PRESETS`) as (width, height); "Auto": the official rule follows the photo."""
+    from instantid_colab.pipeline import SIZE_PRESETS
+
+    if smoke:
+        print(f"Output size: {SMOKE_SIZE}x{SMOKE_SIZE} (smoke: random weights on the CPU)")
+        return SMOKE_SIZE, SMOKE_SIZE
+    if size == "Auto":
+        return None, None
+    return SIZE_PRESETS[size]
+
+
+def show_text(text: str, label: str | None = None) -> None:
+    """Print a fixed-width table, under the smoke label when its numbers come from random weights."""
+    print(f"{label}\n{text}" if label else text)
+
+
+def show_markdown(text: str) -> None:
+    """Render a markdown table or note in the notebook (plain text elsewhere)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(text))
+
+
+def show_result(result: GenerationResult) -> None:
+    """Show the generated images and the face keypoints used (under the smoke label when it applies),
+    then the seed that reproduces them."""
+    from IPython.display import display
+
+    if result.label:
+        print(result.label)
+    for image in [*result.images, result.kps_image]:
+        display(image)
+    print(f"seed {result.seed}, {result.seconds:.1f} s, plan: {result.plan.placement}")
+    for notice in result.notices:
+        print(notice)
+
+
+def launch_app(session: InstantIDSession, smoke: bool = False, auth: str = "") -> str:
+    """Start the gradio app and return its address (a public share link in Colab).
+
+    `auth` is "user:password" (empty: no login). In smoke mode (CI) there is no share link: the app
+    is served locally, fetched once to prove it answers, and closed, so "Run all" finishes instead
+    of leaving a server running.
+    """
+    from instantid_colab.app import launch
+
+    if not smoke:
+        launched = launch(session, auth=auth or None, block=False)
+        url = launched.share_url or launched.local_url
+        print(f"Open the app: {url}")
+        return url
+    launched = launch(session, share=False, auth=auth or None, block=False)
+    try:
+        with urllib.request.urlopen(launched.local_url, timeout=30) as response:
+            print(f"App answered HTTP {response.status} at {launched.local_url} (smoke: random weights; now closed)")
+    finally:
+        launched.app.close()
+    return launched.local_url
+
+
+def show_image(path: str | Path) -> None:
+    """Display an image file (the benchmark plot) in the notebook."""
+    from IPython.display import Image as ImageFile, display
+
+    display(ImageFile(filename=str(path)))
+
+
+def pose_benchmark(smoke: bool, checkpoints: str, h36m: str, variants: str = "XS,S,M,L", protocol: int = 2,
+                   out: str | Path = "outputs/convnextpose") -> BenchmarkResult:
+    """Run (or resume) the ConvNeXtPose benchmark; smoke mode uses random released-format checkpoints
+    and a synthetic Human3.6M written under `out`, with short timings.
+
+    Variants already finished with the same settings are read back from `out`.
+    """
+    from instantid_colab.pose import benchmark, get_variant
+
+    names = [get_variant(name.strip()).name for name in variants.split(",") if name.strip()]
+    if smoke:
+        return benchmark.run_smoke(out, names, protocol)
+    for what, folder in (("CHECKPOINTS", checkpoints), ("H36M", h36m)):
+        if not Path(folder).is_dir():
+            hint = " Turn USE_DRIVE on, or check the path in Drive's file browser." if folder.startswith(
+                str(DRIVE_MOUNT_POINT)) else ""
+            raise FileNotFoundError(f"{what} folder {folder} does not exist.{hint}")
+    return benchmark.run_benchmark(checkpoints, h36m, names, protocol, out)

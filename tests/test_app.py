@@ -1,0 +1,239 @@
+"""The app's small pieces without a browser: input parsing, validation, rendering, wiring to the core."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from instantid_colab import app, cli, faces, memory, pipeline, styles
+from instantid_colab.smoke import SMOKE_LABEL
+
+
+def _session(smoke: bool = True):
+    """What build_app reads from a session: the smoke flag and the memory plan."""
+    return SimpleNamespace(smoke=smoke, plan=None, lcm_loaded=False)
+
+
+def _components(blocks: gr.Blocks, kind: type) -> list:
+    return [block for block in blocks.blocks.values() if isinstance(block, kind)]
+
+
+def _choices(dropdown: gr.Dropdown) -> list[str]:
+    return [value for _, value in dropdown.choices]
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [(app.AUTO_SIZE, None), ("", None), ("896x1152", (896, 1152)), (" 1216 × 832 ", (1216, 832))],
+)
+def test_parse_size_reads_auto_and_typed_sizes(text, size):
+    assert app.parse_size(text) == size
+
+
+def test_parse_size_reads_every_core_preset_by_its_name():
+    for name, size in pipeline.SIZE_PRESETS.items():
+        assert app.parse_size(name) == size
+    assert app.SIZE_CHOICES == (app.AUTO_SIZE, *pipeline.SIZE_PRESETS)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1000x1000", "multiples of 64"),
+        ("1024x1408", "long side must be at most 1280"),
+        ("big", "not WIDTHxHEIGHT"),
+        ("1024x", "not WIDTHxHEIGHT"),
+    ],
+)
+def test_parse_size_refuses_sizes_the_core_cannot_make(text, message):
+    with pytest.raises(app.InputError, match=message):
+        app.parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "credentials"),
+    [("alice:s3cret", ("alice", "s3cret")), ("alice:a:b", ("alice", "a:b")), (None, None), ("", None)],
+)
+def test_parse_auth_splits_at_the_first_colon(text, credentials):
+    assert app.parse_auth(text) == credentials
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("alice", "no ':' was given"), (":pw", "non-empty"), ("bob:", "non-empty")]
+)
+def test_parse_auth_refuses_incomplete_logins(text, message):
+    with pytest.raises(ValueError, match=message):
+        app.parse_auth(text)
+
+
+def test_check_image_file_accepts_a_photo_and_refuses_what_no_detector_can_use(tmp_path):
+    photo, note, tiny, huge = (tmp_path / name for name in ("photo.png", "note.png", "tiny.png", "huge.png"))
+    Image.new("RGB", (640, 480)).save(photo)
+    note.write_text("not an image")
+    Image.new("RGB", (32, 48)).save(tiny)
+    Image.new("1", (8000, 6000)).save(huge)
+
+    assert app.check_image_file(photo, "face photo") == str(photo)
+    with pytest.raises(app.InputError, match="face photo: note.png is not an image I can read"):
+        app.check_image_file(note, "face photo")
+    with pytest.raises(app.InputError, match="tiny.png is 32x48; faces need at least 64 px"):
+        app.check_image_file(tiny, "face photo")
+    with pytest.raises(app.InputError, match="huge.png is 8000x6000 \\(48 MP\\); the limit is 40 MP"):
+        app.check_image_file(huge, "pose image")
+
+
+def test_render_settings_puts_label_and_seed_first_and_escapes_table_cells():
+    text = app.render_settings(1234, {"prompt": "a | b\nc", "steps": 30}, 2.345, SMOKE_LABEL)
+    lines = text.splitlines()
+    assert lines[0] == f"**{SMOKE_LABEL}**"
+    assert "**seed 1234** · 2.3 s" in lines
+    assert "| prompt | a \\| b c |" in lines
+    assert "| steps | 30 |" in lines
+
+
+def test_memory_panel_shows_ram_now_and_the_plan_with_its_why():
+    plan = memory.choose_plan(ram_available_gib=12.0, vram_free_gib=14.6)
+    text = app.render_memory(plan)
+    assert text.startswith("**Memory now**\n- RAM: ")
+    assert f"- why: {plan.why}" in text.splitlines()
+    assert f"placement {plan.placement}" in text
+    assert "**Memory plan**" not in app.render_memory(None)
+
+
+def _handler_args(**changes):
+    args = dict(
+        face_path=None, extra_face_files=None, combine="average", pose_path=None, prompt="", negative_prompt="",
+        style=styles.DEFAULT_STYLE, identitynet_strength=0.8, adapter_strength=0.8, steps=30, guidance_scale=5.0,
+        scheduler="Euler", seed=42, randomize_seed=False, enhance_non_face=True, negative_noise=0.0, lcm=False,
+        size=app.AUTO_SIZE, num_images=1,
+    )  # fmt: skip
+    args.update(changes)
+    return args
+
+
+def test_generate_handler_turns_bad_inputs_into_page_errors_before_the_core_runs(tmp_path):
+    handler = app._generate_handler(session=None)  # never reached: validation fails first
+    note = tmp_path / "face.jpg"
+    note.write_text("a text file renamed to .jpg")
+    with pytest.raises(gr.Error, match="upload a face photo first"):
+        handler(**_handler_args())
+    with pytest.raises(gr.Error, match="face.jpg is not an image I can read"):
+        handler(**_handler_args(face_path=str(note)))
+
+
+def test_page_lists_styles_and_schedulers_from_the_core_and_sizes_from_the_presets():
+    blocks = app.build_app(_session())
+    dropdowns = {dropdown.label: dropdown for dropdown in _components(blocks, gr.Dropdown)}
+    assert _choices(dropdowns["Style"]) == list(styles.STYLES)
+    assert len(styles.STYLES) == 9
+    assert _choices(dropdowns["Scheduler"]) == [name for name in pipeline.SCHEDULERS if name != "LCM"]
+    assert "DPM++ 2M Karras" in _choices(dropdowns["Scheduler"])
+    assert dropdowns["Scheduler"].value == "Euler"
+    assert _choices(dropdowns["Combine several faces"]) == list(faces.COMBINE_MODES)
+    assert _choices(dropdowns["Output size"]) == list(app.SIZE_CHOICES)
+    assert [timer.value for timer in _components(blocks, gr.Timer)] == [app.MEMORY_REFRESH_S]
+    sliders = {slider.label: slider for slider in _components(blocks, gr.Slider)}
+    strength = sliders["IdentityNet strength (for fidelity)"]
+    assert (strength.minimum, strength.maximum, strength.step, strength.value) == (0, 1.5, 0.05, 0.8)
+    assert (sliders["Steps"].value, sliders["Guidance"].value) == (30, 5.0)
+
+
+def test_smoke_banner_shows_only_for_smoke_weights():
+    def banners(blocks):
+        return [html.value for html in _components(blocks, gr.HTML) if SMOKE_LABEL in (html.value or "")]
+
+    assert len(banners(app.build_app(_session(smoke=True)))) == 1
+    assert banners(app.build_app(_session(smoke=False))) == []
+
+
+def test_fast_mode_switches_steps_and_guidance_to_lcm_defaults_and_back():
+    steps, guidance = app._lcm_switch(True)
+    assert (steps["value"], guidance["value"]) == (5, 1.5)
+    steps, guidance = app._lcm_switch(False)
+    assert (steps["value"], guidance["value"]) == (30, 5.0)
+
+
+def test_gallery_download_keeps_the_png_text_the_core_writes(tmp_path):
+    gallery = _components(app.build_app(_session()), gr.Gallery)[0]
+    image = Image.new("RGB", (64, 64))
+    image.info["instantid"] = '{"seed": 1234}'  # where pipeline.generate puts the settings
+    payload = gallery.postprocess([(image, "caption")])
+    saved = Image.open(payload.root[0].image.path)
+    assert saved.format == "PNG"
+    assert saved.info["instantid"] == '{"seed": 1234}'
+
+
+def test_launch_refuses_a_bad_login_before_serving():
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        app.launch(_session(), auth="alice", share=False, block=False)
+
+
+def test_cli_app_reports_a_bad_login_and_exits_2(capsys):
+    assert cli.main(["app", "--smoke", "--auth", "alice"]) == 2
+    assert "--auth: auth must be USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_cli_app_options_parse():
+    args = cli.build_parser().parse_args(["app", "--smoke", "--no-share", "--auth", "a:b", "--port", "7001"])
+    assert (args.smoke, args.share, args.auth, args.port) == (True, False, "a:b", 7001)
+    assert cli.build_parser().parse_args(["app"]).share is None
+
+
+@pytest.fixture(scope="module")
+def smoke_session(tmp_path_factory):
+    from instantid_colab import smoke
+
+    return pipeline.load_pipeline(smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke")), progress=False)
+
+
+@pytest.fixture(scope="module")
+def face_file(tmp_path_factory):
+    from instantid_colab import smoke
+
+    path = tmp_path_factory.mktemp("photos") / "face.png"
+    smoke.sample_face_image().save(path)
+    return str(path)
+
+
+def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_used(smoke_session, face_file):
+    handler = app._generate_handler(smoke_session)
+    gallery, seed, settings, kps, notices = handler(**_handler_args(
+        face_path=face_file, extra_face_files=[face_file], combine="norm_average", pose_path=face_file,
+        negative_prompt="blurry", style="Watercolor", identitynet_strength=0.6, adapter_strength=0.7, steps=2,
+        guidance_scale=1.5, scheduler="DPM++ 2M Karras", seed=7, enhance_non_face=False, negative_noise=0.35,
+        lcm=True, size="128x192",
+    ))  # fmt: skip
+    assert seed == 7
+    assert [(image.size, caption) for image, caption in gallery] == [((128, 192), f"{SMOKE_LABEL} · #1")]
+    assert kps.size == (128, 192)
+    assert notices == ""
+    lines = settings.splitlines()
+    for expected in [
+        f"**{SMOKE_LABEL}**", "| user_prompt | a person |", "| style | Watercolor |", "| seed | 7 |",
+        "| steps | 2 |", "| guidance_scale | 1.5 |", "| scheduler | LCM |", "| width | 128 |", "| height | 192 |",
+        "| identitynet_strength | 0.6 |", "| adapter_strength | 0.7 |", "| enhance_non_face | False |",
+        "| negative_noise | 0.35 |", "| combine | norm_average |", "| reference_faces | 2 |", "| pose_image | True |",
+    ]:  # fmt: skip
+        assert expected in lines, expected
+    assert any(line.startswith("| negative_prompt |") and line.endswith(" blurry |") for line in lines)
+
+
+def test_generate_handler_randomizes_the_seed_and_reports_the_one_used(smoke_session, face_file):
+    handler = app._generate_handler(smoke_session)
+    _, seed, settings, _, _ = handler(**_handler_args(face_path=face_file, steps=1, size="64x64", randomize_seed=True))
+    assert 0 <= seed <= app.MAX_SEED
+    assert f"| seed | {seed} |" in settings.splitlines()
+
+
+def test_generate_handler_shows_the_no_face_advice_as_a_page_error(smoke_session, tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(grey)
+    with pytest.raises(gr.Error, match="No face found.*clear, well-lit photo"):
+        app._generate_handler(smoke_session)(**_handler_args(face_path=str(grey), steps=1, size="64x64"))

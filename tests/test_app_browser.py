@@ -1,0 +1,137 @@
+"""The app as a user sees it: smoke weights, served on localhost, clicked through headless Chromium.
+
+Uses Debian's chromium (`apt-get install -y chromium`); playwright's own browser downloads are never
+used (no network in CI). Saves a screenshot under the test's tmp folder; with
+INSTANTID_UPDATE_SCREENSHOT=1 it also refreshes docs/app-smoke.png, the README's screenshot of a smoke run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists() and os.environ.get("CI") == "true":
+    pytest.fail(".ci/run installs Debian's chromium for this test, but /usr/bin/chromium is missing", pytrace=False)
+if not CHROMIUM.exists():
+    pytest.skip(
+        "headless browser test needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
+        allow_module_level=True,
+    )
+playwright = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+
+from instantid_colab import app, pipeline, smoke  # noqa: E402
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app-smoke.png"
+TIMEOUT_MS = 180_000  # generous: CI has 2 shared cores
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    weights = smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke-weights"))
+    session = pipeline.load_pipeline(weights, progress=False)
+    launched = app.launch(session, share=False, port=_free_port(), block=False)
+    yield launched
+    launched.app.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1400, "height": 1100})
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(served.local_url)
+        yield tab
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    face, grey = folder / "face.png", folder / "grey.png"
+    smoke.sample_face_image().save(face)
+    Image.new("RGB", (512, 512), (128, 128, 128)).save(grey)
+    return face, grey
+
+
+def _upload_face(page, path: Path) -> None:
+    remove = page.locator("#face-image button[aria-label='Remove Image']")
+    if remove.count():
+        remove.click()
+    page.locator("#face-image input[type=file]").set_input_files(str(path))
+    page.locator("#face-image img").wait_for()
+
+
+def _set_seed(page, seed: int) -> None:
+    page.locator("#randomize-seed input[type=checkbox]").uncheck()
+    page.locator("#seed input").fill(str(seed))
+    page.locator("#seed input").press("Tab")
+
+
+def _make_it_quick(page) -> None:
+    """Two steps at 128x128: the smoke models then answer in seconds on a CPU."""
+    page.get_by_text("Advanced", exact=True).click()
+    page.locator("#steps input[type=number]").fill("2")
+    page.locator("#steps input[type=number]").press("Tab")
+    page.locator("#size input").fill("128x128")
+    page.locator("#size input").press("Enter")
+
+
+def test_generate_shows_image_seed_settings_then_survives_a_photo_without_face(page, photos, tmp_path):
+    face, grey = photos
+    expect = playwright.expect
+    expect(page.locator("#smoke-banner")).to_contain_text(smoke.SMOKE_LABEL)
+
+    _upload_face(page, face)
+    _set_seed(page, 1234)
+    _make_it_quick(page)
+    page.locator("#prompt textarea").fill("a portrait in a garden")
+    page.locator("#generate").click()
+
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=TIMEOUT_MS)
+    settings = page.locator("#settings")
+    expect(settings).to_contain_text("seed 1234", timeout=TIMEOUT_MS)
+    expect(settings).to_contain_text("a portrait in a garden")
+    expect(settings).to_contain_text(re.compile(r"\bsteps\s+2\s+guidance_scale\s+5\b"))
+    expect(settings).to_contain_text(re.compile(r"\bwidth\s+128\s+height\s+128\b"))
+    expect(settings).to_contain_text(smoke.SMOKE_LABEL)
+    expect(page.locator("#gallery")).to_contain_text(smoke.SMOKE_LABEL)
+    expect(page.locator("#kps img")).to_be_visible()
+    expect(page.locator("#seed input")).to_have_value("1234")
+    screenshot = page.screenshot(path=str(tmp_path / "app-smoke.png"), full_page=True)
+    if os.environ.get("INSTANTID_UPDATE_SCREENSHOT") == "1":
+        README_SCREENSHOT.write_bytes(screenshot)
+
+    _upload_face(page, grey)
+    page.locator("#generate").click()
+    expect(page.get_by_text("No face found").first).to_be_visible(timeout=TIMEOUT_MS)
+
+    _upload_face(page, face)
+    _set_seed(page, 4321)
+    page.locator("#generate").click()
+    expect(settings).to_contain_text("seed 4321", timeout=TIMEOUT_MS)
+    expect(page.locator("#gallery img").first).to_be_visible()

@@ -1,0 +1,261 @@
+"""The four Colab notebooks: hygiene (what review asks of every cell) and a smoke run of each.
+
+The smoke run is the CI version of the user's "Run all": each notebook is executed top to bottom in
+a fresh `python3` kernel with the papermill-style smoke parameters injected after its `parameters`
+cell (tiny random weights, synthetic pose data, no GPU, no network), and its outputs are checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from IPython.core.inputtransformer2 import TransformerManager
+from PIL import Image
+
+from instantid_colab import notebook as helpers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+NAMES = ["01_install", "02_load_models", "03_generate", "04_convnextpose_benchmark"]
+BADGE_URL = "https://colab.research.google.com/github/instantid-colab/instantid-colab/blob/main/notebooks/{}.ipynb"
+REPO_URL = "https://github.com/instantid-colab/instantid-colab"
+MAX_CODE_LINES = 6
+SMOKE_PARAMETERS = 'SMOKE = True\nPIP_COMMAND = "echo pip step skipped: smoke mode imports the package from the checkout"'
+CELL_TIMEOUT_S = 180
+SMOKE_LABEL = "smoke: random weights"
+# Statements that are logic or definitions: they belong in instantid_colab/notebook.py, not in a cell.
+FORBIDDEN_NODES = (
+    ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.If, ast.IfExp, ast.For,
+    ast.AsyncFor, ast.While, ast.Try, ast.With, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp,
+)
+
+
+def load(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+
+
+def code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def counted_lines(source: str) -> list[str]:
+    """Lines a reader has to read as code: not blank, not comments, not Colab form fields."""
+    return [
+        line for line in source.splitlines()
+        if line.strip() and not line.lstrip().startswith("#") and "#@param" not in line
+    ]
+
+
+def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    tagged = [cell for cell in nb.cells if "parameters" in cell.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    return tagged[0]
+
+
+def test_the_four_notebooks_and_nothing_else() -> None:
+    assert sorted(path.stem for path in NOTEBOOK_DIR.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_without_outputs(name: str) -> None:
+    for cell in code_cells(load(name)):
+        assert cell.outputs == [] and cell.execution_count is None, cell.source
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_title_badge_and_explanations(name: str) -> None:
+    nb = load(name)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert f"({BADGE_URL.format(name)})" in first.source
+    assert "colab-badge.svg" in first.source
+    for previous, cell in zip(nb.cells, nb.cells[1:]):
+        if cell.cell_type == "code":
+            assert previous.cell_type == "markdown", f"code cell without an explanation above it:\n{cell.source}"
+
+
+def cell_problems(source: str) -> list[str]:
+    """What review would refuse in a notebook cell: too long, definitions, or logic (loops, ifs, ...)."""
+    problems = []
+    lines = counted_lines(source)
+    if len(lines) > MAX_CODE_LINES:
+        problems.append(f"{len(lines)} lines (at most {MAX_CODE_LINES})")
+    if re.search(r"\bdef |\bclass |\blambda\b", source):
+        problems.append("a definition")
+    tree = ast.parse(TransformerManager().transform_cell(source))  # `!cmd` and `%magic` become calls
+    problems += sorted({type(node).__name__ for node in ast.walk(tree) if isinstance(node, FORBIDDEN_NODES)})
+    return problems
+
+
+def test_cell_checker_refuses_logic_definitions_and_long_cells() -> None:
+    assert cell_problems("!{PIP_COMMAND}\nx = 1  #@param {type:'integer'}\n# note\nprint(x)") == []
+    assert cell_problems("for i in range(3):\n    print(i if i else -1)") == ["For", "IfExp"]
+    assert cell_problems("f = lambda: [i for i in range(2)]") == ["a definition", "Lambda", "ListComp"]
+    assert cell_problems("\n".join(f"x{i} = {i}" for i in range(MAX_CODE_LINES + 1))) == ["7 lines (at most 6)"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cells_are_short_calls_without_definitions_or_logic(name: str) -> None:
+    for cell in code_cells(load(name)):
+        assert cell_problems(cell.source) == [], f"move this into instantid_colab/notebook.py:\n{cell.source}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameters_cell_defaults_to_colab_and_holds_the_only_repo_url(name: str) -> None:
+    nb = load(name)
+    parameters = parameters_cell(nb)
+    values = {}
+    exec(parameters.source, {}, values)  # the cell is plain assignments; its values are what Colab runs with
+    assert values["SMOKE"] is False
+    assert values["REPO_URL"] == REPO_URL
+    # --no-deps: the dependencies go through environment.install, which never touches torch
+    assert values["PIP_COMMAND"] == f"pip install -q --no-deps git+{REPO_URL}"
+    with_url = [cell.source for cell in code_cells(nb) if "github.com/" in cell.source]
+    assert with_url == [parameters.source]
+    sources = [cell.source for cell in nb.cells]
+    first_import = next(i for i, source in enumerate(sources) if "instantid_colab" in source and "import" in source)
+    assert sources.index(parameters.source) < sources.index("!{PIP_COMMAND}") < first_import
+
+
+def test_style_dropdown_lists_exactly_the_package_styles() -> None:
+    from instantid_colab.styles import STYLES
+
+    form = next(cell.source for cell in code_cells(load("03_generate")) if cell.source.lstrip().startswith("#@title Settings"))
+    line = next(line for line in form.splitlines() if line.startswith("STYLE ="))
+    choices = ast.literal_eval(line.split("#@param", 1)[1].strip())
+    assert choices == list(STYLES)
+    assert ast.literal_eval(line.split("=", 1)[1].split("#", 1)[0].strip()) in STYLES
+
+
+def test_size_dropdown_offers_the_pipeline_presets() -> None:
+    from instantid_colab.pipeline import SIZE_PRESETS
+
+    form = next(cell.source for cell in code_cells(load("03_generate")) if cell.source.lstrip().startswith("#@title Settings"))
+    line = next(line for line in form.splitlines() if line.startswith("SIZE ="))
+    choices = ast.literal_eval(line.split("#@param", 1)[1].strip())
+    assert choices == ["Auto", *SIZE_PRESETS]
+    assert [helpers.output_size(choice) for choice in choices] == [(None, None), *SIZE_PRESETS.values()]
+    assert helpers.output_size(choices[1], smoke=True) == (helpers.SMOKE_SIZE, helpers.SMOKE_SIZE)
+
+
+def test_check_gpu_without_cuda_says_how_to_switch(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(helpers.NoGPUError, match=r"Runtime > Change runtime type > .*T4 GPU"):
+        helpers.check_gpu(smoke=False)
+    helpers.check_gpu(smoke=True)
+    assert capsys.readouterr().out == "GPU: none (smoke: random weights run on the CPU, no GPU needed)\n"
+
+
+def test_mount_drive_off_or_outside_colab_keeps_local_disk() -> None:
+    assert helpers.mount_drive(False) is None
+    assert not helpers.in_colab()
+    assert helpers.mount_drive(True) is None
+
+
+def test_face_image_reads_a_given_path_as_rgb(tmp_path: Path) -> None:
+    Image.new("L", (40, 30), 200).save(tmp_path / "face.png")
+    image = helpers.face_image(str(tmp_path / "face.png"))
+    assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (40, 30), (200, 200, 200))
+
+
+def test_face_image_outside_colab_without_path_says_what_to_do() -> None:
+    with pytest.raises(FileNotFoundError, match="set FACE_IMAGE"):
+        helpers.face_image("", smoke=False)
+
+
+# --- smoke execution ---------------------------------------------------------------------------
+
+
+def execute(name: str, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> nbformat.NotebookNode:
+    """Run the notebook as CI's "Run all": smoke parameters injected, fresh kernel, cwd = workdir."""
+    from nbclient import NotebookClient
+
+    nb = load(name)
+    position = nb.cells.index(parameters_cell(nb)) + 1
+    injected = nbformat.v4.new_code_cell(SMOKE_PARAMETERS, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(position, injected)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    client = NotebookClient(
+        nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(workdir)}}
+    )
+    client.execute()
+    return nb
+
+
+def texts(nb: nbformat.NotebookNode) -> str:
+    parts = []
+    for cell in code_cells(nb):
+        for output in cell.outputs:
+            parts.append(output.get("text", ""))
+            parts.extend(output.get("data", {}).get(kind, "") for kind in ("text/plain", "text/markdown"))
+    return "\n".join(parts)
+
+
+def images(nb: nbformat.NotebookNode) -> list[Image.Image]:
+    found = []
+    for cell in code_cells(nb):
+        for output in cell.outputs:
+            data = output.get("data", {}).get("image/png")
+            if data:
+                found.append(Image.open(io.BytesIO(base64.b64decode(data))))
+    return found
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One working folder for the four runs, as one Colab machine would be (02 and 03 share smoke weights)."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
+def test_01_install_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = texts(execute("01_install", workdir, monkeypatch))
+    assert "pip step skipped" in output
+    assert "GPU: none (smoke: random weights run on the CPU, no GPU needed)" in output
+    assert "smoke: dry run, nothing installed" in output
+    assert re.search(r"torch 2\.\d+", output) and "Python 3." in output  # the doctor table
+
+
+def test_02_load_models_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = texts(execute("02_load_models", workdir, monkeypatch))
+    assert f"Weights: {SMOKE_LABEL}" in output
+    assert (workdir / "outputs" / "smoke-weights" / "InstantID" / "ip-adapter.bin").is_file()
+    table = output[output.index(f"{SMOKE_LABEL}\nstage "):]
+    stages = [line.split("  ")[0] for line in table.splitlines()[1:] if line.startswith("load ")]
+    assert {"load unet", "load identitynet", "load adapter", "load face analysis"} <= set(stages)
+    assert len(stages) == len(set(stages))  # loaded once, one row per stage
+
+
+def test_03_generate_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = execute("03_generate", workdir, monkeypatch)
+    output = texts(nb)
+    generated, keypoints = images(nb)
+    assert generated.size == keypoints.size == (128, 128)
+    assert keypoints.getextrema() != ((0, 0), (0, 0), (0, 0))  # the five keypoints are drawn
+    assert output.count(SMOKE_LABEL) >= 2  # the weights line and the images' caption
+    assert "seed 42" in output
+    assert re.search(r"App answered HTTP 200 at http://[\w.]+:\d+/? \(smoke: random weights; now closed\)", output)
+
+
+def test_04_convnextpose_benchmark_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = execute("04_convnextpose_benchmark", workdir, monkeypatch)
+    output = texts(nb)
+    rows = [line for line in output.splitlines() if line.startswith("| ") and SMOKE_LABEL in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["XS", "S", "M", "L"]
+    assert all("P2 MPJPE" in row for row in rows)
+    out = workdir / "outputs" / "convnextpose"
+    assert sorted(path.name for path in out.glob("variant_*.json")) == [f"variant_{v}.json" for v in ("L", "M", "S", "XS")]
+    (shown,) = images(nb)
+    with Image.open(out / "accuracy_vs_speed.png") as written:
+        assert shown.size == written.size and shown.tobytes() == written.convert(shown.mode).tobytes()
