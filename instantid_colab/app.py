@@ -118,11 +118,14 @@ def render_settings(seed: int, settings: dict[str, Any], seconds: float, label: 
     return "\n".join(lines)
 
 
-def render_memory(plan: memory.MemoryPlan | None) -> str:
+SMOKE_PLAN_NOTE = "(the plan's estimates are for the full-size models; this smoke session loaded tiny ones)"
+
+
+def render_memory(plan: memory.MemoryPlan | None, smoke: bool = False) -> str:
     """Markdown for the live memory panel: RAM/VRAM now, and the memory plan with its why."""
     sections = [("Memory now", memory.snapshot().render())]
     if plan is not None:
-        sections.append(("Memory plan", plan.render()))
+        sections.append(("Memory plan", plan.render() + (f"\n{SMOKE_PLAN_NOTE}" if smoke else "")))
     return "\n\n".join(
         f"**{title}**\n" + "\n".join(f"- {line}" for line in text.splitlines()) for title, text in sections
     )
@@ -345,7 +348,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                 notices = gr.Markdown(elem_id="notices")
                 settings = gr.Markdown(elem_id="settings")
                 kps = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
-                memory_panel = gr.Markdown(render_memory(session.plan), elem_id="memory")
+                memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
 
         inputs = [
             face, extra_faces, combine, pose, prompt, negative, style, identitynet, adapter, steps, guidance,
@@ -360,7 +363,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
         lcm.change(_lcm_switch, inputs=lcm, outputs=[steps, guidance], queue=False)
 
         def refresh() -> str:
-            return render_memory(session.plan)  # the plan changes when an out-of-memory retry steps it down
+            return render_memory(session.plan, session.smoke)  # the plan changes when an out-of-memory retry steps it down
 
         if hasattr(gr, "Timer"):
             gr.Timer(MEMORY_REFRESH_S).tick(refresh, outputs=memory_panel, queue=False, show_progress="hidden")

@@ -105,6 +105,7 @@ def test_memory_panel_shows_ram_now_and_the_plan_with_its_why():
     assert f"- why: {plan.why}" in text.splitlines()
     assert f"placement {plan.placement}" in text
     assert "**Memory plan**" not in app.render_memory(None)
+    assert app.SMOKE_PLAN_NOTE not in text and app.SMOKE_PLAN_NOTE in app.render_memory(plan, smoke=True)
 
 
 def _handler_args(**changes):

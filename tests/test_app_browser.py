@@ -95,10 +95,15 @@ def _set_seed(page, seed: int) -> None:
 def _make_it_quick(page) -> None:
     """Two steps at 128x128: the smoke models then answer in seconds on a CPU."""
     page.get_by_text("Advanced", exact=True).click()
-    page.locator("#steps input[type=number]").fill("2")
-    page.locator("#steps input[type=number]").press("Tab")
+    steps = page.locator("#steps input[type=number]")
+    steps.wait_for()
+    steps.fill("2")
+    steps.press("Tab")
+    # The slider takes the typed value on blur; wait until it has, or Generate may still send 30.
+    playwright.expect(page.locator("#steps input[type=range]")).to_have_value("2")
     page.locator("#size input").fill("128x128")
     page.locator("#size input").press("Enter")
+    playwright.expect(page.locator("#size input")).to_have_value("128x128")
 
 
 def test_generate_shows_image_seed_settings_then_survives_a_photo_without_face(page, photos, tmp_path):
