@@ -34,6 +34,11 @@ if [ "$installed_here" != "True" ]; then
     "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 fi
 
+# The installer reads versions with `packaging` (pip vendors its own copy, which is not importable).
+if ! "$PYTHON" -c "import packaging" 2>/dev/null; then
+    "$PYTHON" -m pip install "packaging>=23"
+fi
+
 # 3. Everything else, without changing torch/torchvision/torchaudio/numpy and with exactly one
 #    onnxruntime (onnxruntime-gpu when CUDA is available).
 "$PYTHON" -m instantid_colab install $dev
