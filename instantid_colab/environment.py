@@ -584,8 +584,8 @@ def _verified(result: InstallReport, before: Mapping[str, str], seen: Verificati
         for name in sorted(set(before) | set(after))
         if before.get(name) != after.get(name)
     ]
-    for name in PINNED:
-        if before.get(name) != after.get(name):
+    for name in PINNED:  # installing one that was absent (numpy on a bare machine) changes nothing installed
+        if before.get(name) is not None and before.get(name) != after.get(name):
             result.problems.append(f"{name} changed from {before.get(name)} to {after.get(name)}; restart the runtime.")
     for module, error in seen.import_errors.items():
         result.problems.append(f"`import {module}` fails in a fresh interpreter: {error}")

@@ -230,3 +230,25 @@ def test_verification_in_a_fresh_interpreter_imports_every_module_here():
     assert seen.import_errors == {}
     assert seen.versions["torch"] == importlib.metadata.version("torch")
     assert seen.cuda_provider_works is None
+
+
+class PullsNumpy(FakePip):
+    """pip resolving a dependency on numpy: absent -> installed, or an installed one upgraded."""
+
+    def __call__(self, args):
+        result = super().__call__(args)
+        if args[0] == "install":
+            self.installed["numpy"] = "2.4.6"
+        return result
+
+
+def test_numpy_new_on_a_bare_machine_is_fine_but_a_changed_numpy_needs_a_restart():
+    bare = PullsNumpy({"torch": "2.13.0+cpu"})
+    result = run_install(bare, cuda=False)
+    assert ("numpy", None, "2.4.6") in {(c.distribution, c.before, c.after) for c in result.changes}
+    assert result.ok and not any("numpy" in problem for problem in result.problems), result.render()
+
+    colab = PullsNumpy(COLAB)
+    result = run_install(colab, cuda=False)
+    assert "numpy changed from 2.0.2 to 2.4.6; restart the runtime." in result.problems
+    assert not result.ok
