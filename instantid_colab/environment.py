@@ -53,6 +53,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("packaging", "packaging", "22.0", "install", "version checks"),
     Requirement("pillow", "PIL", "9.1", "install", "images"),
     Requirement("gradio", "gradio", "5.0", "install", "the app"),
+    Requirement("peft", "peft", "0.6", "install", "LCM-LoRA fast mode (diffusers loads LoRAs through peft)"),
     Requirement(
         "onnxruntime", "onnxruntime", "1.19", "onnxruntime",
         "face analysis; >=1.19 wheels are built for CUDA 12 + cuDNN 9 like Colab's torch",
