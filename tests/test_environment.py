@@ -21,7 +21,7 @@ COLAB = {
     "torch": "2.6.0+cu124", "torchvision": "0.21.0+cu124", "torchaudio": "2.6.0+cu124", "numpy": "2.0.2",
     "diffusers": "0.29.0", "transformers": "4.53.0", "accelerate": "1.8.0", "huggingface-hub": "0.33.0",
     "safetensors": "0.5.3", "psutil": "5.9.5", "packaging": "24.2", "pillow": "11.2.1", "gradio": "5.31.0",
-    "opencv-python": "4.11.0.86", "scipy": "1.15.3", "tqdm": "4.67.1", "requests": "2.32.3",
+    "opencv-python": "4.11.0.86", "scipy": "1.15.3", "tqdm": "4.67.1", "requests": "2.32.3", "peft": "0.15.2",
 }
 
 
