@@ -3,7 +3,7 @@
 The file is IP-Adapter-Plus shaped: `image_proj` holds a Perceiver Resampler (face embedding ->
 16 tokens) and `ip_adapter` holds one `to_k_ip`/`to_v_ip` pair per UNet cross-attention layer.
 Every hyper-parameter is read from tensor shapes, never assumed: the seeds guessed `dim=2048,
-heads=16`, loaded with `strict=False` and silently ran half-random weights. Loading itself goes
+heads=16`, loaded non-strictly and silently ran half-random weights. Loading itself goes
 through diffusers' IP-Adapter-Plus converter; this module only adds what diffusers does not do:
 reading shapes without loading 1.7 GB, refusing files that do not fit before loading, and checking
 afterwards that every tensor landed.
@@ -111,10 +111,7 @@ def _split_flat(flat: Mapping[str, Any], source: str) -> dict[str, dict[str, Any
 
 def _torch_load(path: Path) -> Any:
     """Unpickle with weights_only=True; memory-map zip-format files so shapes cost no RAM."""
-    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
-    if zipfile.is_zipfile(path):
-        kwargs["mmap"] = True
-    return torch.load(path, **kwargs)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
 def _read_groups(source: str | Path | Mapping) -> tuple[dict[str, dict[str, Any]], str, str | None]:
@@ -398,7 +395,7 @@ def check_resampler(module: torch.nn.Module, info: AdapterInfo) -> None:
 
     Both sides are compared in diffusers' naming: the file's shapes become the module diffusers would
     build from them (on the meta device, so no memory). This is the check the seeds skipped when they
-    built `dim=2048, heads=16` and loaded with strict=False.
+    built `dim=2048, heads=16` and loaded non-strictly.
     """
     expected = {key: tuple(value.shape) for key, value in _diffusers_resampler(info.resampler).state_dict().items()}
     actual = {key: tuple(value.shape) for key, value in module.state_dict().items()}
