@@ -21,7 +21,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -56,32 +55,6 @@ def write_weights(root: Path, tiny: bool) -> Path:
     write_smoke_face_models(root / "faces", name="antelopev2")
     marker.write_text(json.dumps({"tiny": tiny, "seconds": round(time.perf_counter() - started, 1)}))
     return root
-
-
-class RssSampler:
-    """Peak anonymous RSS (RssAnon: not the memory-mapped weight files) sampled in a thread."""
-
-    def __init__(self, interval_s: float = 0.02):
-        from instantid_colab.memory import rss_anon_bytes
-
-        self._read, self.interval_s, self.peak = rss_anon_bytes, interval_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._read() or 0)
-            time.sleep(self.interval_s)
-
-    def __enter__(self):
-        self.peak = self._read() or 0
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._read() or 0)
 
 
 def official_processors(pipe) -> None:
@@ -122,7 +95,7 @@ def run_scenario(name: str, args) -> dict:
     """Runs inside the child process."""
     import torch
 
-    from instantid_colab import pipeline, smoke
+    from instantid_colab import memory, pipeline, smoke
     from instantid_colab.weights import WeightPaths
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -140,20 +113,17 @@ def run_scenario(name: str, args) -> dict:
     size = 128 if args.tiny else 1024
     face = smoke.sample_face_image(512)
 
-    started = time.perf_counter()
-    with RssSampler() as load_rss:
+    recorder = memory.StageRecorder(log=lambda row: None)  # samples peak RssAnon (not mmapped weight files)
+    with recorder.stage("load"):
         session = pipeline.load_pipeline(weights, plan, progress=False)
         if name in ("a", "b"):
             official_processors(session.pipe)
         if name == "a":
             session.pipe.controlnet.set_attention_slice("auto")
-    load_seconds = time.perf_counter() - started
     load_vram = (torch.cuda.max_memory_reserved() / GIB, torch.cuda.max_memory_allocated() / GIB) if cuda else (None, None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
 
     times, notices = [], []
-    with RssSampler() as gen_rss:
+    with recorder.stage("generate"):  # the stage resets torch's peak statistics
         for index in range(args.images + 1):  # the first image is the warm-up
             result = pipeline.generate(session, face, "a portrait photo of a person", seed=index, steps=args.steps,
                                        width=size, height=size)
@@ -161,10 +131,11 @@ def run_scenario(name: str, args) -> dict:
             if index:
                 times.append(result.seconds)
     gen_vram = (torch.cuda.max_memory_reserved() / GIB, torch.cuda.max_memory_allocated() / GIB) if cuda else (None, None)
+    load, gen = recorder.records
     return {
         "scenario": name, "placement": session.plan.placement, "capped_gib": CAP_GIB if capped else None,
         "size": size, "steps": args.steps, "seconds_per_image": statistics.median(times), "times": times,
-        "load_seconds": load_seconds, "load_rss_gib": load_rss.peak / GIB, "gen_rss_gib": gen_rss.peak / GIB,
+        "load_seconds": load.seconds, "load_rss_gib": load.rss_anon_peak_gib, "gen_rss_gib": gen.rss_anon_peak_gib,
         "load_vram_reserved_gib": load_vram[0], "load_vram_allocated_gib": load_vram[1],
         "gen_vram_reserved_gib": gen_vram[0], "gen_vram_allocated_gib": gen_vram[1],
         "notices": sorted(set(notices)), "device": torch.cuda.get_device_name(0) if cuda else "cpu",

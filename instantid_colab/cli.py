@@ -136,32 +136,27 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _app(args: argparse.Namespace) -> int:
     from instantid_colab import app, pipeline
-    from instantid_colab.weights import MissingWeightsError
+    from instantid_colab.weights import MissingWeightsError, WeightSizeError
 
     try:
         credentials = app.parse_auth(args.auth)
     except ValueError as error:
         print(f"--auth: {error}", file=sys.stderr)
         return 2
-    if args.smoke:
-        from instantid_colab.smoke import build_smoke_weights
-
-        weights = build_smoke_weights()
-    else:
-        from instantid_colab.weights import ensure_weights
-
-        try:
-            weights = ensure_weights()
-        except MissingWeightsError as error:
-            print(error, file=sys.stderr)
-            return 1
+    try:
+        weights = _weights(args)
+    except (MissingWeightsError, WeightSizeError) as error:
+        print(error, file=sys.stderr)
+        return 1
     app.launch(pipeline.load_pipeline(weights), share=args.share, auth=credentials, port=args.port)
     return 0
 
 
 def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dir", help="where weights live (default $INSTANTID_WEIGHTS or ~/.cache/instantid-colab)")
-    parser.add_argument("--base", default="wangqixun/YamerMIX_v8", help="SDXL base repo (see weights.BASE_MODELS)")
+    from instantid_colab.weights import DEFAULT_BASE
+
+    parser.add_argument("--base", default=DEFAULT_BASE, help="SDXL base repo (see weights.BASE_MODELS)")
     parser.add_argument("--drive", action="store_true", help="keep weights on the mounted Google Drive")
 
 
@@ -219,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="public gradio link (default: on in Colab, off elsewhere)")
     app.add_argument("--auth", metavar="USER:PASS", help="require this login (share links are public)")
     app.add_argument("--port", type=int, help="local port (default: gradio's, 7860 or the next free one)")
+    _weights_options(app)
     app.set_defaults(handler=_app)
     return parser
 

@@ -8,7 +8,6 @@ place that shows one says SMOKE_LABEL.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 SMOKE_LABEL = "smoke: random weights"
@@ -16,7 +15,9 @@ _VERSION = 1  # bump when the layout or sizes change, so old smoke folders are r
 
 
 def default_smoke_root() -> Path:
-    return Path(os.environ.get("INSTANTID_WEIGHTS", "~/.cache/instantid-colab")).expanduser() / "smoke"
+    from instantid_colab.weights import default_root
+
+    return default_root() / "smoke"
 
 
 def tiny_resampler_config():
