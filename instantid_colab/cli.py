@@ -104,7 +104,9 @@ def _generate(args: argparse.Namespace) -> int:
             face = sample_face_image()
         width, height = args.width, args.height
         if args.smoke and width is None and height is None:
-            width = height = 128  # the tiny smoke model: CPU-sized
+            from instantid_colab.smoke import SMOKE_SIZE
+
+            width = height = SMOKE_SIZE
         recorder = memory.StageRecorder() if args.memory else None
         session = pipeline.load_pipeline(weights, recorder=recorder)
         result = pipeline.generate(

@@ -157,12 +157,12 @@ def face_image(path: str = "", smoke: bool = False) -> Image.Image:
     raise FileNotFoundError("No face photo: upload one when asked, or set FACE_IMAGE to the path of a photo.")
 
 
-SMOKE_SIZE = 128  # the tiny random-weight model at 1024 px takes minutes per step on a CPU; 128 px takes seconds
 
 
 def output_size(size: str = "Auto", smoke: bool = False) -> tuple[int | None, int | None]:
     """The form's size preset (`pipeline.SIZE_PRESETS`) as (width, height); "Auto": the official rule follows the photo."""
     from instantid_colab.pipeline import SIZE_PRESETS
+    from instantid_colab.smoke import SMOKE_SIZE
 
     if smoke:
         print(f"Output size: {SMOKE_SIZE}x{SMOKE_SIZE} (smoke: random weights on the CPU)")

@@ -36,7 +36,6 @@ SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "square 1024": (1024, 1024), "portrait 896x1152": (896, 1152), "landscape 1152x896": (1152, 896),
     "portrait 768x1024": (768, 1024), "landscape 1024x768": (1024, 768), "square 768": (768, 768),
 }
-COMBINE_MODES = ("average", "norm_average", "concat")
 
 # name -> (diffusers scheduler class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -407,8 +406,8 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
     (said in `notices`). The returned images carry their settings and seed as PNG text (`save_png`).
     """
     started = time.perf_counter()
-    if combine not in COMBINE_MODES:
-        raise ValueError(f"combine must be one of {COMBINE_MODES}, not {combine!r}")
+    if combine not in faces.COMBINE_MODES:  # before the face analysis, not after it
+        raise ValueError(f"combine must be one of {', '.join(faces.COMBINE_MODES)}, not {combine!r}")
     prompt = prompt.strip() or DEFAULT_PROMPT
     styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
     face_images = [faces.load_image(image) for image in (face_image, *extra_face_images)]

@@ -136,13 +136,14 @@ def test_style_dropdown_lists_exactly_the_package_styles() -> None:
 
 def test_size_dropdown_offers_the_pipeline_presets() -> None:
     from instantid_colab.pipeline import SIZE_PRESETS
+    from instantid_colab.smoke import SMOKE_SIZE
 
     form = next(cell.source for cell in code_cells(load("03_generate")) if cell.source.lstrip().startswith("#@title Settings"))
     line = next(line for line in form.splitlines() if line.startswith("SIZE ="))
     choices = ast.literal_eval(line.split("#@param", 1)[1].strip())
     assert choices == ["Auto", *SIZE_PRESETS]
     assert [helpers.output_size(choice) for choice in choices] == [(None, None), *SIZE_PRESETS.values()]
-    assert helpers.output_size(choices[1], smoke=True) == (helpers.SMOKE_SIZE, helpers.SMOKE_SIZE)
+    assert helpers.output_size(choices[1], smoke=True) == (SMOKE_SIZE, SMOKE_SIZE)
 
 
 def test_check_gpu_without_cuda_says_how_to_switch(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

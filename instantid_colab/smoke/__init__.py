@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 SMOKE_LABEL = "smoke: random weights"
+SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
 _VERSION = 1  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
