@@ -210,7 +210,8 @@ def _generate_handler(session: pipeline.InstantIDSession) -> Callable:
         for notice in result.notices:
             gr.Warning(notice)
         caption = result.label or f"seed {result.seed}"
-        gallery = [(image, f"{caption} · #{index + 1}") for index, image in enumerate(result.images)]
+        gallery = [(result.images[index], f"{caption} · #{index + 1} · {result.likeness[index].render()}")
+                   for index in result.best_first()]
         notices = "\n\n".join(f"⚠️ {notice}" for notice in result.notices)
         return (
             gallery,

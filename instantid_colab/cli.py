@@ -132,7 +132,8 @@ def _generate(args: argparse.Namespace) -> int:
     if recorder is not None:
         print(recorder.render())
     print(f"seed {result.seed}  {result.seconds:.1f} s  plan {result.plan.placement}")
-    print("saved " + ", ".join(str(path) for path in paths))
+    for index in result.best_first():
+        print(f"  {result.likeness[index].render():<52} saved {paths[index]}")
     return 0
 
 

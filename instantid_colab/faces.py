@@ -35,6 +35,30 @@ class NoFaceError(ValueError):
     """No face was found, even after the retries; the message says what photo to use instead."""
 
 
+NO_FACE_IN_OUTPUT = "no face found in the generated image"
+
+
+@dataclass(frozen=True)
+class Likeness:
+    """How much a generated image looks like the person: ArcFace cosine similarity, or None and why not."""
+
+    similarity: float | None
+    note: str | None = None
+
+    def render(self) -> str:
+        return f"likeness {self.similarity:.2f}" if self.similarity is not None else f"likeness n/a ({self.note})"
+
+
+def reference_direction(embedding: np.ndarray) -> np.ndarray:
+    """The unit identity vector a generation used: the mean direction of its embedding rows.
+
+    One row for "average"/"norm_average"; with "concat" every photo's row counts equally.
+    """
+    rows = np.asarray(embedding, dtype=np.float64).reshape(-1, 512)
+    direction = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0)
+    return direction / np.linalg.norm(direction)
+
+
 @dataclass
 class Face:
     """The face InstantID uses: box and keypoints in the ORIGINAL image's pixels, raw ArcFace embedding."""
@@ -168,19 +192,24 @@ class FaceAnalyzer:
         """The execution providers onnxruntime really uses for the detector."""
         return list(self._app.det_model.session.get_providers())
 
-    def detect(self, image: ImageLike) -> Face:
-        """The largest face, with box/keypoints in `image`'s (EXIF-upright) pixel coordinates."""
+    def detect(self, image: ImageLike, retries: bool = True) -> Face:
+        """The largest face, with box/keypoints in `image`'s (EXIF-upright) pixel coordinates.
+
+        `retries=False` tries the configured detection size only (no smaller sizes, no padded copy).
+        """
         rgb = np.asarray(load_image(image))
         scale = min(1.0, MAX_DETECT_SIDE / max(rgb.shape[:2]))
         if scale < 1.0:
             size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        face = self._find(bgr)
+        face = self._find(bgr, self._det_sizes() if retries else [self.det_size])
+        if face is None and not retries:
+            raise NoFaceError(f"No face found at detection size {self.det_size}.")
         if face is None:
             pad = int(PAD_FRACTION * max(bgr.shape[:2]))
             padded = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-            face = self._find(padded)
+            face = self._find(padded, self._det_sizes())
             if face is not None:
                 face.bbox -= pad
                 face.kps -= pad
@@ -194,11 +223,11 @@ class FaceAnalyzer:
     def _det_sizes(self) -> list[int]:
         return [self.det_size] + [s for s in RETRY_DET_SIZES if s < self.det_size]
 
-    def _find(self, bgr: np.ndarray) -> Face | None:
+    def _find(self, bgr: np.ndarray, sizes: list[int]) -> Face | None:
         """Largest face at the first detection size that finds one; embedding for that face only."""
         from insightface.app.common import Face as InsightFace
 
-        for size in self._det_sizes():
+        for size in sizes:
             boxes, kpss = self._app.det_model.detect(bgr, input_size=(size, size))
             if len(boxes):
                 best = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
@@ -211,6 +240,17 @@ class FaceAnalyzer:
                     det_score=float(found.det_score),
                 )
         return None
+
+    def likeness(self, reference: np.ndarray, image: ImageLike) -> Likeness:
+        """Cosine similarity between `reference` (the generation's identity embedding) and the largest
+        face in `image`: the measure ArcFace was trained for (same person scores high, strangers near 0).
+        One detection pass at the configured size: a generated portrait needs no retries."""
+        try:
+            face = self.detect(image, retries=False)
+        except NoFaceError:
+            return Likeness(None, NO_FACE_IN_OUTPUT)
+        found = face.embedding / np.linalg.norm(face.embedding)
+        return Likeness(round(float(np.dot(reference_direction(reference), found)), 4))
 
     def embed(self, images: ImageLike | list[ImageLike], combine: str = "average") -> tuple[np.ndarray, Face]:
         """Embedding for one or several photos of the same person, and the first photo's face (for keypoints)."""

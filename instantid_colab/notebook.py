@@ -191,8 +191,10 @@ def show_result(result: GenerationResult) -> None:
 
     if result.label:
         print(result.label)
-    for image in [*result.images, result.kps_image]:
-        display(image)
+    for index in result.best_first():
+        display(result.images[index])
+        print(f"image {index + 1}: {result.likeness[index].render()}")
+    display(result.kps_image)
     print(f"seed {result.seed}, {result.seconds:.1f} s, plan: {result.plan.placement}")
     for notice in result.notices:
         print(notice)

@@ -3,9 +3,9 @@
 What InstantID adds to a plain SDXL + ControlNet pipeline, and where it lives here:
 - the face embedding -> 16 tokens Resampler and the IP attention: diffusers' IP-Adapter-Plus route
   (`adapter.load_adapter`), fed with `ip_adapter_image_embeds` (SDPA processors, no score matrices);
-- the IdentityNet ControlNet that sees ONLY the 16 face tokens as its text: `IdentityNet` below;
-- "enhance non-face region": the face-box mask on the IdentityNet residuals and on IP attention
-  (`ip_adapter_masks`, diffusers' IPAdapterMaskProcessor);
+- the IdentityNet ControlNet that sees ONLY the 16 face tokens as its text (`identity.IdentityNet`);
+- "enhance non-face region": the face box on the IdentityNet residuals and on IP attention, resized
+  as the official code resizes it (`identity.FaceRegion`);
 - a VAE decode that never returns NaN/black, and one automatic retry with a lighter memory plan
   after running out of memory.
 """
@@ -23,11 +23,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from instantid_colab import faces, memory, styles
+from instantid_colab.identity import FaceRegion, IdentityNet, _execution_device, face_region, face_tokens, use_face_region_processors
 from instantid_colab.weights import WeightPaths, ensure_lcm_lora
 
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
@@ -52,52 +52,6 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 _OOM_ERRORS = tuple({e for e in (getattr(torch, "OutOfMemoryError", None),
                                  getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
-
-
-class IdentityNet(ControlNetModel):
-    """InstantID's ControlNet: its cross-attention context is the 16 face tokens, not the text.
-
-    The SDXL ControlNet pipeline hands every ControlNet the text embeddings; this subclass replaces
-    them with the face tokens set by `conditioned(...)` for one call (pooled text and time ids still
-    arrive in `added_cond_kwargs`). With a face mask, each residual is multiplied by the mask at its
-    resolution, so the IdentityNet only steers the face region ("enhance non-face region"). Extra
-    ControlNets (pose/canny/depth) in a MultiControlNetModel keep getting the text.
-    """
-
-    _face_tokens: torch.Tensor | None = None
-    _face_mask: torch.Tensor | None = None
-
-    @contextlib.contextmanager
-    def conditioned(self, face_tokens: torch.Tensor, face_mask: torch.Tensor | None = None):
-        """face_tokens: [2B or B, num_tokens, cross_dim] (negative first under CFG); mask: [1, 1, H, W]."""
-        self._face_tokens, self._face_mask = face_tokens, face_mask
-        try:
-            yield self
-        finally:
-            self._face_tokens, self._face_mask = None, None
-
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0, *args,
-                return_dict: bool = True, **kwargs):
-        if self._face_tokens is None:
-            raise RuntimeError("IdentityNet called without face tokens: call it inside `identitynet.conditioned(...)`.")
-        tokens = self._face_tokens
-        if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
-            tokens = tokens[-sample.shape[0]:]
-        down, mid = super().forward(sample, timestep, tokens.to(sample.device, self.dtype), controlnet_cond,
-                                    conditioning_scale, *args, return_dict=False, **kwargs)
-        if self._face_mask is not None:
-            down = [residual * self._mask_like(residual) for residual in down]
-            mid = mid * self._mask_like(mid)
-        if not return_dict:
-            return down, mid
-        from diffusers.models.controlnets.controlnet import ControlNetOutput
-
-        return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
-
-    def _mask_like(self, residual: torch.Tensor) -> torch.Tensor:
-        mask = torch.nn.functional.interpolate(self._face_mask.to(residual.device, torch.float32),
-                                               size=residual.shape[-2:], mode="nearest")
-        return mask.to(residual.dtype)
 
 
 @dataclass
@@ -131,6 +85,18 @@ class GenerationResult:
     plan: Any
     notices: list[str] = field(default_factory=list)
     label: str | None = None
+    likeness: list = field(default_factory=list)  # faces.Likeness per image, in image order
+
+    def best_first(self) -> list[int]:
+        """Image indices by likeness, highest first; images without a face last, in their order."""
+        return sorted(range(len(self.images)), key=lambda i: (self.likeness[i].similarity is None,
+                                                              -(self.likeness[i].similarity or 0.0)))
+
+    def image_metadata(self, index: int) -> dict:
+        """What the PNG's `instantid` chunk holds for image `index`: the settings plus its likeness."""
+        likeness = self.likeness[index]
+        return {**self.settings, "image_index": index, "identity_similarity": likeness.similarity,
+                "identity_similarity_note": likeness.note}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +167,7 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
     pipe.set_progress_bar_config(disable=not progress)
     with _stage(recorder, "load adapter"):
         adapter.load_adapter(pipe, weights.adapter)
+        use_face_region_processors(pipe.unet)
     with _stage(recorder, "apply memory plan"):
         memory.apply(plan, pipe)
     with _stage(recorder, "load face analysis"):
@@ -259,30 +226,12 @@ def _scaled(points: np.ndarray, source: tuple[int, int], target: tuple[int, int]
     return np.asarray(points, dtype=np.float32).reshape(-1, 2) * scale
 
 
-def _face_mask(bbox: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """White face box on black, at output size (the official control_mask)."""
-    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+def face_box_mask(bbox: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """1 inside the face box, 0 elsewhere, at output size (the official control_mask / 255)."""
+    mask = np.zeros((size[1], size[0]), dtype=np.float32)
     x1, y1, x2, y2 = (int(v) for v in np.asarray(bbox).reshape(-1)[:4])
-    mask[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = 255
-    return Image.fromarray(mask)
-
-
-def _execution_device(pipe) -> torch.device:
-    return getattr(pipe, "_execution_device", None) or pipe.device
-
-
-def face_tokens(pipe, embeds: torch.Tensor) -> torch.Tensor:
-    """Resampler output [batch, tokens, cross_dim] for embeds [batch, 1, seq, 512] (diffusers' layout).
-
-    Runs where the Resampler's weights are now (with offload hooks that is not the execution device;
-    the official code breaks there), then moves the tokens to the execution device.
-    """
-    projection = pipe.unet.encoder_hid_proj
-    parameter = next(projection.parameters())
-    device = _execution_device(pipe) if parameter.is_meta else parameter.device
-    with torch.no_grad():
-        tokens = projection([embeds.to(device, parameter.dtype)])[0]
-    return tokens[:, 0].to(_execution_device(pipe))
+    mask[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = 1.0
+    return mask
 
 
 def _encode_prompt(pipe, prompt: str, negative_prompt: str, do_cfg: bool) -> dict[str, torch.Tensor]:
@@ -376,6 +325,7 @@ def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
 
 
 def _metadata(settings: dict, label: str | None) -> PngInfo:
+    """`parameters` in the A1111 text form many tools read, `instantid` as JSON, and the smoke label."""
     info = PngInfo()
     text = ", ".join(f"{key}: {value}" for key, value in settings.items() if key not in ("prompt", "negative_prompt"))
     info.add_text("parameters", f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n{text}")
@@ -425,7 +375,7 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
     kps = _scaled(layout_face.kps, layout_image.size, (width, height))
     kps_image = faces.draw_kps((width, height), kps)
     bbox = _scaled(np.asarray(layout_face.bbox).reshape(2, 2), layout_image.size, (width, height)).reshape(-1)
-    mask_image = _face_mask(bbox, (width, height)) if enhance_non_face else None
+    mask = face_box_mask(bbox, (width, height)) if enhance_non_face else None
 
     settings = {
         "prompt": styled_prompt, "negative_prompt": styled_negative, "user_prompt": prompt, "style": style,
@@ -440,24 +390,26 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
         settings["label"] = label
     notices: list[str] = []
     call = dict(prompt=styled_prompt, negative_prompt=styled_negative, embedding=embedding, kps_image=kps_image,
-                mask_image=mask_image, settings=settings, callback=callback)
+                mask=mask, settings=settings, callback=callback)
     try:
         images = _denoise_and_decode(session, notices, **call)
     except _OOM_ERRORS as error:
         notices.append(_oom_retry_plan(session, error))
         images = _denoise_and_decode(session, notices, **call)
 
-    for image in images:
-        image.pnginfo = _metadata(settings, label)
-        image.info.update({"instantid": json.dumps(settings)})
-    return GenerationResult(images=images, seed=seed, settings=settings, kps_image=kps_image,
-                            seconds=time.perf_counter() - started, plan=session.plan, notices=notices, label=label)
+    result = GenerationResult(images=images, seed=seed, settings=settings, kps_image=kps_image, seconds=0.0,
+                              plan=session.plan, notices=notices, label=label,
+                              likeness=[session.faces.likeness(embedding, image) for image in images])
+    for index, image in enumerate(images):
+        metadata = result.image_metadata(index)
+        image.pnginfo = _metadata(metadata, label)
+        image.info.update({"instantid": json.dumps(metadata)})
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
-                        embedding, kps_image, mask_image, settings: dict, callback) -> list[Image.Image]:
-    from diffusers.image_processor import IPAdapterMaskProcessor
-
+                        embedding, kps_image, mask, settings: dict, callback) -> list[Image.Image]:
     pipe = session.pipe
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
     lcm = settings["lcm"]
@@ -476,12 +428,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     per_image = torch.cat([ip_embeds[i:i + 1].repeat(num, 1, 1, 1) for i in range(ip_embeds.shape[0])])
     tokens = face_tokens(pipe, per_image)
 
-    face_mask = ip_masks = None
-    if mask_image is not None:
-        processor = IPAdapterMaskProcessor()
-        # On the execution device once: diffusers resizes the IP mask in every attention call of every step.
-        face_mask = processor.preprocess([mask_image], height=height, width=width).to(_execution_device(pipe))
-        ip_masks = [face_mask.reshape(1, 1, height, width)]
+    region = None if mask is None else FaceRegion(torch.from_numpy(mask).to(_execution_device(pipe)))
 
     def on_step_end(_pipe, step, _timestep, tensors):
         if callback is not None:
@@ -490,13 +437,12 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
 
     text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     identitynet = pipe.controlnet
-    with identitynet.conditioned(tokens, face_mask), _text_encoders_detached(pipe):
+    with identitynet.conditioned(tokens, region), face_region(pipe.unet, region), _text_encoders_detached(pipe):
         latents = pipe(
             **text, image=kps_image, width=width, height=height,
             num_inference_steps=steps, guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
             controlnet_conditioning_scale=settings["identitynet_strength"],
             ip_adapter_image_embeds=[ip_embeds.to(pipe.unet.dtype)], generator=generator, output_type="latent",
-            cross_attention_kwargs={"ip_adapter_masks": ip_masks} if ip_masks is not None else None,
             callback_on_step_end=on_step_end,
         ).images
     decoded = decode(pipe, latents, notices)

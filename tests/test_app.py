@@ -212,7 +212,8 @@ def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_use
         lcm=True, size="128x192",
     ))  # fmt: skip
     assert seed == 7
-    assert [(image.size, caption) for image, caption in gallery] == [((128, 192), f"{SMOKE_LABEL} · #1")]
+    no_face = "likeness n/a (no face found in the generated image)"  # smoke images are noise
+    assert [(image.size, caption) for image, caption in gallery] == [((128, 192), f"{SMOKE_LABEL} · #1 · {no_face}")]
     assert kps.size == (128, 192)
     assert notices == ""
     lines = settings.splitlines()

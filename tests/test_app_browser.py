@@ -100,7 +100,7 @@ def _make_it_quick(page) -> None:
     steps.fill("2")
     steps.press("Tab")
     # The slider takes the typed value on blur; wait until it has, or Generate may still send 30.
-    playwright.expect(page.locator("#steps input[type=range]")).to_have_value("2")
+    playwright.expect(page.locator("#steps input[type=range]")).to_have_value("2", timeout=TIMEOUT_MS)
     page.locator("#size input").fill("128x128")
     page.locator("#size input").press("Enter")
     playwright.expect(page.locator("#size input")).to_have_value("128x128")

@@ -63,7 +63,7 @@ def test_no_face_raises_with_advice(analyzer, background):
 
 def test_padding_retry_finds_a_face_cut_by_the_border(analyzer):
     tight = picture((320, 320), [(0, 0, 128, WARM)])  # touches the top and left edges
-    assert analyzer._find(np.asarray(tight)[:, :, ::-1].copy()) is None
+    assert analyzer._find(np.asarray(tight)[:, :, ::-1].copy(), analyzer._det_sizes()) is None
     face = analyzer.detect(tight)  # found on the copy padded by 160 px per side, then shifted back
     np.testing.assert_allclose(face.bbox, [0, 0, 128, 128], atol=1)
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from instantid_colab import memory, pipeline, smoke
 from instantid_colab.faces import NoFaceError
+from instantid_colab.identity import FaceRegion
 
 SIZE = dict(width=128, height=64, steps=2)
 
@@ -116,13 +117,13 @@ def test_negative_noise_changes_the_negative_tokens_only(session, face, monkeypa
 
 def test_face_mask_zeroes_identitynet_residuals_outside_the_face(session):
     net = session.pipe.controlnet
-    mask = torch.zeros(1, 1, 64, 128)
-    mask[..., 16:48, 32:96] = 1
+    mask = torch.zeros(64, 128)
+    mask[16:48, 32:96] = 1
     sample = torch.randn(2, 4, 8, 16)
     tokens = torch.randn(2, 16, net.config.cross_attention_dim)
     added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
     cond = torch.rand(2, 3, 64, 128)
-    with net.conditioned(tokens, mask), torch.no_grad():
+    with net.conditioned(tokens, FaceRegion(mask)), torch.no_grad():
         down, mid = net(sample, 10, None, cond, added_cond_kwargs=added, return_dict=False)
     assert down[0][..., :2, :].abs().max() == 0 and down[0][..., 2:6, 4:12].abs().max() > 0
     assert mid.shape[-2:] == (4, 8)
@@ -229,3 +230,33 @@ def test_float32_cpu_text_encoders_feed_a_lower_precision_unet(weights, face):
     assert result.images[0].size == (128, 64)
     assert session.pipe.text_encoder_2.dtype == torch.float32
     assert session.pipe.config.text_encoder_2 == ("transformers", "CLIPTextModelWithProjection")
+
+
+def test_likeness_scores_every_image_ranks_them_and_lands_in_the_png(session, face, monkeypatch, tmp_path):
+    """Each output image is compared with the identity used; here the decoded images are replaced by
+    the same person, another person and a faceless picture, so the scores are known."""
+    other = smoke.sample_face_image(face_color=(150, 210, 240))
+    faceless = Image.new("RGB", (256, 256), (90, 90, 90))
+    monkeypatch.setattr(session.pipe.image_processor, "postprocess",
+                        lambda decoded, output_type: [faceless.copy(), other.copy(), face.copy()])
+    result = pipeline.generate(session, face, seed=12, num_images=3, **SIZE)
+    same, stranger, none = result.likeness[2], result.likeness[1], result.likeness[0]
+    assert same.similarity == pytest.approx(1.0, abs=1e-4) and same.note is None
+    assert stranger.similarity < 0.9
+    assert none.similarity is None and none.note == "no face found in the generated image"
+    assert result.best_first() == [2, 1, 0]
+    for index in range(3):
+        stored = json.loads(Image.open(pipeline.save_png(result.images[index], tmp_path / f"{index}.png")).text["instantid"])
+        assert stored["image_index"] == index
+        assert stored["identity_similarity"] == result.likeness[index].similarity
+        assert stored["identity_similarity_note"] == result.likeness[index].note
+        assert stored["seed"] == 12
+
+
+def test_likeness_of_several_reference_photos_uses_their_mean_direction(session, face):
+    other = smoke.sample_face_image(face_color=(150, 210, 240))
+    mine, theirs = (session.faces.detect(image).embedding for image in (face, other))
+    both = np.stack([mine, theirs])
+    expected = (mine / np.linalg.norm(mine) + theirs / np.linalg.norm(theirs))
+    expected = float(np.dot(expected / np.linalg.norm(expected), mine / np.linalg.norm(mine)))
+    assert session.faces.likeness(both, face).similarity == pytest.approx(expected, abs=1e-4)

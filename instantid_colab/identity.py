@@ -1,0 +1,183 @@
+"""The face's two routes into SDXL, and the face region both obey.
+
+- IP attention: the Resampler's 16 face tokens are attended to beside the text in every UNet
+  cross-attention (diffusers' IP-Adapter-Plus processors, loaded by `adapter.load_adapter`).
+- IdentityNet: InstantID's ControlNet, whose cross-attention context is the face tokens, not the text.
+- "Enhance non-face region": the face box gates both. The official pipeline resizes the box
+  *bilinearly* to each IdentityNet residual and with *nearest* to each attention map
+  (`pipeline_stable_diffusion_xl_instantid_full.py`, `ip_adapter/attention_processor.py`); `FaceRegion`
+  does exactly that, once per size instead of once per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+try:
+    from diffusers.models.controlnets.controlnet import ControlNetOutput
+except ImportError:  # diffusers < 0.31 kept ControlNets in one module
+    from diffusers.models.controlnet import ControlNetOutput
+
+
+class FaceRegion:
+    """The face box (1 inside, 0 outside) at output resolution, resized the official way for each consumer."""
+
+    def __init__(self, mask: torch.Tensor):
+        """mask: [height, width] of 0/1 values, on the execution device."""
+        self.mask = mask
+        self._resized: dict[tuple, torch.Tensor] = {}
+
+    def residual_weight(self, residual: torch.Tensor) -> torch.Tensor:
+        """[1, 1, h, w] for an IdentityNet residual: bilinear, as the official control mask list."""
+        key = ("residual", tuple(residual.shape[-2:]), residual.dtype, residual.device)
+        if key not in self._resized:
+            box = self.mask[None, None].to(residual.device, residual.dtype)
+            self._resized[key] = F.interpolate(box, size=residual.shape[-2:], mode="bilinear")
+        return self._resized[key]
+
+    def attention_weight(self, num_queries: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+        """[1, 1, num_queries, 1] = scale x mask for an attention map: nearest, with the official ratio arithmetic."""
+        key = ("attention", num_queries, scale, like.dtype, like.device)
+        if key not in self._resized:
+            height, width = self.mask.shape
+            ratio = (height * width / num_queries) ** 0.5
+            box = self.mask[None, None].to(like.device, like.dtype)
+            resized = F.interpolate(box, scale_factor=1 / ratio, mode="nearest").reshape(1, 1, -1, 1)
+            if resized.shape[2] != num_queries:
+                raise ValueError(f"face mask {height}x{width} does not tile an attention map of {num_queries} queries")
+            self._resized[key] = resized * scale
+        return self._resized[key]
+
+
+class IdentityNet(ControlNetModel):
+    """InstantID's ControlNet: its cross-attention context is the 16 face tokens, not the text.
+
+    The SDXL ControlNet pipeline hands every ControlNet the text embeddings; this subclass replaces
+    them with the face tokens set by `conditioned(...)` for one call (pooled text and time ids still
+    arrive in `added_cond_kwargs`). With a face region each residual is multiplied by the box at its
+    resolution. Extra ControlNets (pose/canny/depth) in a MultiControlNetModel keep getting the text.
+    """
+
+    _face_tokens: torch.Tensor | None = None
+    _region: FaceRegion | None = None
+
+    @contextlib.contextmanager
+    def conditioned(self, face_tokens: torch.Tensor, region: FaceRegion | None = None) -> Iterator[IdentityNet]:
+        """face_tokens: [2B or B, num_tokens, cross_dim] (negative first under CFG)."""
+        self._face_tokens, self._region = face_tokens, region
+        try:
+            yield self
+        finally:
+            self._face_tokens, self._region = None, None
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0, *args,
+                return_dict: bool = True, **kwargs):
+        if self._face_tokens is None:
+            raise RuntimeError("IdentityNet called without face tokens: call it inside `identitynet.conditioned(...)`.")
+        tokens = self._face_tokens
+        if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
+            tokens = tokens[-sample.shape[0]:]
+        down, mid = super().forward(sample, timestep, tokens.to(sample.device, self.dtype), controlnet_cond,
+                                    conditioning_scale, *args, return_dict=False, **kwargs)
+        if self._region is not None:
+            down = [residual * self._region.residual_weight(residual) for residual in down]
+            mid = mid * self._region.residual_weight(mid)
+        return (down, mid) if not return_dict else ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+
+
+class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
+    """diffusers' SDPA IP-Adapter processor with the official face-region arithmetic.
+
+    Written here because diffusers resizes `ip_adapter_masks` *bicubically* in every attention call
+    (official: nearest, 4.8 % apart in the final latents at 1024 px) and because that per-call resize
+    and the separate mask/scale/add kernels cost launches on every layer of every step. Being an
+    IPAdapterAttnProcessor2_0, it keeps diffusers' weights, `set_ip_adapter_scale` and unloading; any
+    case it does not cover (attention masks, spatial/group norm, several adapters) goes to diffusers.
+    Output = to_out(text attention + scale x region x IP attention), one SDPA call each.
+    """
+
+    region: FaceRegion | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale: float = 1.0, ip_adapter_masks=None):
+        ours = (isinstance(encoder_hidden_states, tuple) and len(self.scale) == 1 and not isinstance(self.scale[0], list)
+                and attention_mask is None and ip_adapter_masks is None and hidden_states.ndim == 3
+                and attn.spatial_norm is None and attn.group_norm is None and not attn.norm_cross)
+        if not ours:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale,
+                                    ip_adapter_masks)
+        text, (face_tokens,) = encoder_hidden_states
+        batch, queries, _ = hidden_states.shape
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(text), attn.to_v(text)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(states: torch.Tensor) -> torch.Tensor:
+            return states.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query = heads(query)
+        out = F.scaled_dot_product_attention(query, heads(key), heads(value))
+        ip_scale = self.scale[0]
+        if ip_scale != 0:
+            tokens = face_tokens.reshape(batch, -1, face_tokens.shape[-1])
+            ip = F.scaled_dot_product_attention(query, heads(self.to_k_ip[0](tokens)), heads(self.to_v_ip[0](tokens)))
+            if self.region is None:
+                out = out.add(ip, alpha=ip_scale)
+            else:
+                out = torch.addcmul(out, ip, self.region.attention_weight(queries, ip_scale, ip))
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def use_face_region_processors(unet) -> int:
+    """Swap diffusers' SDPA IP processors for FaceRegionIPAttnProcessor, sharing their weights; returns how many."""
+    processors, swapped = {}, 0
+    for name, processor in unet.attn_processors.items():
+        if type(processor) is IPAdapterAttnProcessor2_0:
+            replacement = FaceRegionIPAttnProcessor(processor.hidden_size, processor.cross_attention_dim,
+                                                    processor.num_tokens, processor.scale)
+            replacement.to_k_ip, replacement.to_v_ip = processor.to_k_ip, processor.to_v_ip
+            processor, swapped = replacement, swapped + 1
+        processors[name] = processor
+    unet.set_attn_processor(processors)
+    return swapped
+
+
+@contextlib.contextmanager
+def face_region(unet, region: FaceRegion | None) -> Iterator[None]:
+    """Gate the IP attention of every FaceRegionIPAttnProcessor by `region` for one call (None: no gate)."""
+    processors = [p for p in unet.attn_processors.values() if isinstance(p, FaceRegionIPAttnProcessor)]
+    for processor in processors:
+        processor.region = region
+    try:
+        yield
+    finally:
+        for processor in processors:
+            processor.region = None
+
+
+def _execution_device(pipe) -> torch.device:
+    return getattr(pipe, "_execution_device", None) or pipe.device
+
+
+def face_tokens(pipe, embeds: torch.Tensor) -> torch.Tensor:
+    """Resampler output [batch, tokens, cross_dim] for embeds [batch, 1, seq, 512] (diffusers' layout).
+
+    Runs where the Resampler's weights are now (with offload hooks that is not the execution device;
+    the official code breaks there), then moves the tokens to the execution device.
+    """
+    projection = pipe.unet.encoder_hid_proj
+    parameter = next(projection.parameters())
+    device = _execution_device(pipe) if parameter.is_meta else parameter.device
+    with torch.no_grad():
+        tokens = projection([embeds.to(device, parameter.dtype)])[0]
+    return tokens[:, 0].to(_execution_device(pipe))
