@@ -12,6 +12,7 @@ afterwards that every tensor landed.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import zipfile
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from instantid_colab.pickles import refused_object
 
 IMAGE_PROJ = "image_proj"
 IP_ADAPTER = "ip_adapter"
@@ -136,15 +139,26 @@ def _read_groups(source: str | Path | Mapping) -> tuple[dict[str, dict[str, Any]
         loaded = _torch_load(path)
     except AdapterError:
         raise
-    except Exception as error:  # torch/safetensors raise many types for damaged files
+    except pickle.UnpicklingError as error:
+        if (refused := refused_object(error)) is None:
+            raise AdapterError(_unreadable(path, error)) from None
         raise AdapterError(
-            f"{path}: cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
-            f"The file is truncated, damaged or not a PyTorch/safetensors file "
-            f"({path.stat().st_size:,} bytes; the official file is 1.69 GB). Delete it and download it again."
+            f"{path}: refused: besides tensors it holds a Python object ({refused}), and loading it could run code "
+            f"from the file. {OFFICIAL_FILE} holds only tensors ({{'image_proj': ..., 'ip_adapter': ...}}): download "
+            "it again, or convert a file you trust with convert_adapter()."
         ) from None
+    except Exception as error:  # torch/safetensors raise many types for damaged files
+        raise AdapterError(_unreadable(path, error)) from None
     if not isinstance(loaded, Mapping):
         raise AdapterError(f"{path}: holds a {type(loaded).__name__}, not a state dict; use {OFFICIAL_FILE}.")
     return _read_groups(loaded)[0], "pickle", str(path)
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    first_line = str(error).splitlines()[0][:200] if str(error) else ""
+    return (f"{path}: cannot be read ({type(error).__name__}: {first_line}). The file is truncated, damaged or not a "
+            f"PyTorch/safetensors file ({path.stat().st_size:,} bytes; the official file is 1.69 GB). Delete it and "
+            "download it again.")
 
 
 class _HeaderEntry:

@@ -9,28 +9,29 @@ gradio accepts them (`_accepted`), so one file serves the versions Colab has shi
 from __future__ import annotations
 
 import inspect
+import logging
 import random
+import threading
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import gradio as gr
 from PIL import Image
 
-from instantid_colab import faces, memory, pipeline, styles
+from instantid_colab import faces, images, memory, pipeline, settings, styles
 from instantid_colab.smoke import SMOKE_LABEL
 from instantid_colab.weights import MissingWeightsError
 
 AUTO_SIZE = "Auto (from the face photo)"
-SIZE_CHOICES = (AUTO_SIZE, *pipeline.SIZE_PRESETS)
+SIZE_CHOICES = (AUTO_SIZE, *settings.SIZE_PRESETS)
 # The fast-mode toggle of the official demo: LCM-LoRA needs few steps and little guidance.
 LCM_STEPS, LCM_GUIDANCE = 5, 1.5
 # LCM is fast mode's own scheduler (it needs the LoRA), so it is not offered on its own.
 SCHEDULER_CHOICES = tuple(name for name in pipeline.SCHEDULERS if name != "LCM")
 MAX_SEED = 2**32 - 1
-MAX_UPLOAD_PIXELS = 40_000_000  # a 40 MP photo; bigger ones are almost always a wrong file
-MIN_UPLOAD_SIDE = 64  # below this no face detector finds a face
 MAX_UPLOAD_FILE = "25mb"
 MEMORY_REFRESH_S = 3.0
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -48,19 +49,19 @@ class Launched(NamedTuple):
 def parse_size(text: str) -> tuple[int, int] | None:
     """A core preset name or a typed `"832x1216"` -> (width, height); Auto -> None (the official resize rule).
 
-    Whether a size is allowed is the core's rule (`pipeline.check_size`); this only reads the text.
+    Whether a size is allowed is the core's rule (`settings.check_size`); this only reads the text.
     """
     text = (text or "").strip()
     if not text or text == AUTO_SIZE:
         return None
-    if text in pipeline.SIZE_PRESETS:
-        return pipeline.SIZE_PRESETS[text]
+    if text in settings.SIZE_PRESETS:
+        return settings.SIZE_PRESETS[text]
     parts = text.lower().replace("×", "x").replace(" ", "").split("x")
     if len(parts) != 2 or not all(part.isdigit() for part in parts):
         raise InputError(f"output size {text!r} is not WIDTHxHEIGHT (for example 832x1216) or a preset")
     width, height = int(parts[0]), int(parts[1])
     try:
-        pipeline.check_size(width, height)
+        settings.check_size(width, height)
     except ValueError as error:
         raise InputError(f"output {error}") from None
     return width, height
@@ -81,28 +82,15 @@ def parse_auth(text: str | tuple[str, str] | None) -> tuple[str, str] | None:
     return user, password
 
 
-def check_image_file(path: str | Path, what: str) -> str:
-    """Refuse files that are not images, or whose size no face detector can work with.
+def check_image_file(path: str | Path, what: str) -> Image.Image:
+    """The uploaded picture as upright 8-bit RGB (`images.open_image`), or InputError naming the file.
 
-    Reads only the header (PIL opens lazily), so a huge or hostile file is refused before decoding.
+    Uploads arrive under a temporary folder, so the message names the file only.
     """
-    name = Path(path).name
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, Image.DecompressionBombError, ValueError):
-        raise InputError(f"{what}: {name} is not an image I can read; upload a JPG, PNG or WebP photo") from None
-    if width * height > MAX_UPLOAD_PIXELS:
-        raise InputError(
-            f"{what}: {name} is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is"
-            f" {MAX_UPLOAD_PIXELS / 1e6:.0f} MP. Downscale it (a 1-2 MP photo is plenty)"
-        )
-    if min(width, height) < MIN_UPLOAD_SIDE:
-        raise InputError(
-            f"{what}: {name} is {width}x{height}; faces need at least {MIN_UPLOAD_SIDE} px a side."
-            " Upload a larger photo"
-        )
-    return str(path)
+        return images.open_image(path, what)
+    except images.ImageInputError as error:
+        raise InputError(str(error).replace(str(Path(path)), Path(path).name)) from None
 
 
 def render_settings(seed: int, settings: dict[str, Any], seconds: float, label: str | None) -> str:
@@ -137,14 +125,24 @@ def _accepted(function: Callable, **kwargs: Any) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if key in parameters}
 
 
+def _range(name: str) -> tuple[float, float]:
+    """A slider's ends: the allowed range of `settings.LIMITS`, the one table every entry point checks."""
+    return settings.LIMITS[name].low, settings.LIMITS[name].high
+
+
 def _core_defaults() -> dict[str, Any]:
     """`pipeline.generate`'s keyword defaults: the page starts from the same values as the CLI and notebooks."""
     parameters = inspect.signature(pipeline.generate).parameters
     return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def _generate_handler(session: pipeline.InstantIDSession) -> Callable:
-    """The click handler: validate, call `pipeline.generate`, turn its result into page outputs."""
+def _generate_handler(session: pipeline.InstantIDSession, stop_requested: threading.Event | None = None) -> Callable:
+    """The click handler: validate, call `pipeline.generate`, turn its result into page outputs.
+
+    `stop_requested` is the Stop button's flag: checked between denoising steps, cleared at each start.
+    Every failure becomes a message on the page; the session stays loaded for the next click.
+    """
+    stop_requested = stop_requested or threading.Event()
 
     def run(
         face_path,
@@ -168,6 +166,7 @@ def _generate_handler(session: pipeline.InstantIDSession) -> Callable:
         num_images,
         progress=gr.Progress(),
     ):
+        stop_requested.clear()
         try:
             if not face_path:
                 raise InputError("upload a face photo first (a clear, front-facing photo works best)")
@@ -175,7 +174,7 @@ def _generate_handler(session: pipeline.InstantIDSession) -> Callable:
             extra_faces = tuple(check_image_file(path, "extra face photo") for path in extra_face_files or ())
             pose = check_image_file(pose_path, "pose image") if pose_path else None
             width, height = parse_size(size) or (None, None)
-            seed = random.randint(0, MAX_SEED) if randomize_seed else int(seed)
+            seed = random.randint(0, MAX_SEED) if randomize_seed else seed
             if lcm and not session.lcm_loaded:
                 progress(0, desc="loading LCM-LoRA (first use of fast mode)")
 
@@ -190,13 +189,13 @@ def _generate_handler(session: pipeline.InstantIDSession) -> Callable:
                 style=style,
                 identitynet_strength=identitynet_strength,
                 adapter_strength=adapter_strength,
-                steps=int(steps),
+                steps=steps,
                 guidance_scale=guidance_scale,
                 seed=seed,
                 scheduler=scheduler,
                 width=width,
                 height=height,
-                num_images=int(num_images),
+                num_images=num_images,
                 pose_image=pose,
                 enhance_non_face=enhance_non_face,
                 negative_noise=negative_noise,
@@ -204,9 +203,17 @@ def _generate_handler(session: pipeline.InstantIDSession) -> Callable:
                 lcm=lcm,
                 extra_face_images=extra_faces,
                 callback=report_step,
+                should_stop=stop_requested.is_set,
             )
-        except (ValueError, MissingWeightsError) as error:  # InputError, NoFaceError, the core's checks
+        except pipeline.GenerationStopped as stopped:
+            message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
+            return gr.update(), gr.update(), gr.update(), gr.update(), message
+        except (ValueError, MissingWeightsError, pipeline.OutOfMemory) as error:  # inputs, faces, settings, memory
             raise gr.Error(str(error)) from error
+        except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
+            logger.exception("generation failed")
+            raise gr.Error(f"Internal error ({type(error).__name__}: {error}). The app is still usable; the "
+                           "traceback is in the notebook/console output: please report it.") from error
         for notice in result.notices:
             gr.Warning(notice)
         caption = result.label or f"seed {result.seed}"
@@ -265,16 +272,14 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", placeholder=pipeline.DEFAULT_PROMPT, elem_id="prompt")
                 style = gr.Dropdown(list(styles.STYLES), value=defaults["style"], label="Style", elem_id="style")
                 identitynet = gr.Slider(
-                    0,
-                    1.5,
+                    *_range("identitynet_strength"),
                     value=defaults["identitynet_strength"],
                     step=0.05,
                     label="IdentityNet strength (for fidelity)",
                     elem_id="identitynet",
                 )
                 adapter = gr.Slider(
-                    0,
-                    1.5,
+                    *_range("adapter_strength"),
                     value=defaults["adapter_strength"],
                     step=0.05,
                     label="Image adapter strength (for detail)",
@@ -291,12 +296,14 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                         defaults["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
                     )
                     randomize_seed = gr.Checkbox(True, label="Randomize seed", elem_id="randomize-seed")
-                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
                 with gr.Accordion("Advanced", open=False):
                     negative = gr.Textbox(label="Negative prompt", placeholder="the style adds its own negative")
-                    steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(*_range("steps"), value=defaults["steps"], step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(
-                        0, 10, value=defaults["guidance_scale"], step=0.1, label="Guidance", elem_id="guidance"
+                        *_range("guidance_scale"), value=defaults["guidance_scale"], step=0.1, label="Guidance", elem_id="guidance"
                     )
                     scheduler = gr.Dropdown(list(SCHEDULER_CHOICES), value=defaults["scheduler"], label="Scheduler")
                     size = gr.Dropdown(
@@ -315,8 +322,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                         info="IdentityNet and the adapter act only inside the face box; the prompt paints the rest",
                     )
                     noise = gr.Slider(
-                        0,
-                        1,
+                        *_range("negative_noise"),
                         value=defaults["negative_noise"],
                         step=0.05,
                         label="Noise injection",
@@ -347,7 +353,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                     ),
                 )
                 notices = gr.Markdown(elem_id="notices")
-                settings = gr.Markdown(elem_id="settings")
+                settings_panel = gr.Markdown(elem_id="settings")
                 kps = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
                 memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
 
@@ -355,12 +361,15 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
             face, extra_faces, combine, pose, prompt, negative, style, identitynet, adapter, steps, guidance,
             scheduler, seed, randomize_seed, enhance, noise, lcm, size, num_images,
         ]  # fmt: skip
+        stop_requested = threading.Event()
         generate.click(
-            _generate_handler(session),
+            _generate_handler(session, stop_requested),
             inputs=inputs,
-            outputs=[gallery, seed, settings, kps, notices],
+            outputs=[gallery, seed, settings_panel, kps, notices],
             **_accepted(generate.click, concurrency_limit=1, concurrency_id="gpu"),
         )
+        # Not queued: it must run while the generation holds the queue's only slot.
+        stop.click(stop_requested.set, queue=False)
         lcm.change(_lcm_switch, inputs=lcm, outputs=[steps, guidance], queue=False)
 
         def refresh() -> str:

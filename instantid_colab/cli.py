@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from instantid_colab import cli_errors
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -42,14 +43,10 @@ def _inspect(args: argparse.Namespace) -> int:
     """Read an adapter file's architecture from its shapes; exit 1 with the reason if SDXL InstantID cannot use it."""
     import json
 
-    from instantid_colab.adapter import AdapterError, check_fits, inspect_adapter
+    from instantid_colab.adapter import check_fits, inspect_adapter
 
-    try:
-        info = inspect_adapter(args.path)
-        check_fits(info)
-    except AdapterError as error:
-        print(error, file=sys.stderr)
-        return 1
+    info = inspect_adapter(args.path)
+    check_fits(info)
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
         return 0
@@ -72,61 +69,59 @@ def _weights(args: argparse.Namespace):
 
 
 def _download(args: argparse.Namespace) -> int:
-    from instantid_colab.weights import MissingWeightsError, WeightSizeError, ensure_weights
+    from instantid_colab.weights import ensure_weights
 
-    try:
-        weights = ensure_weights(args.weights_dir, base=args.base, drive=args.drive)
-    except (MissingWeightsError, WeightSizeError) as error:
-        print(error, file=sys.stderr)
-        return 1
+    weights = ensure_weights(args.weights_dir, base=args.base, drive=args.drive)
     for name in ("base", "controlnet", "adapter", "face_root", "vae"):
         print(f"{name:10} {getattr(weights, name)}")
     return 0
 
 
+def _generation_values(args: argparse.Namespace) -> dict:
+    """`pipeline.generate`'s keyword arguments from the command line (checked by `settings.check`)."""
+    values = {name: getattr(args, name) for name in (
+        "style", "identitynet_strength", "adapter_strength", "steps", "guidance_scale", "scheduler", "width", "height",
+        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm")}
+    if args.smoke and args.width is None and args.height is None:
+        from instantid_colab.smoke import SMOKE_SIZE
+
+        values["width"] = values["height"] = SMOKE_SIZE
+    return values
+
+
 def _generate(args: argparse.Namespace) -> int:
+    """Check everything a person typed (settings, pictures, destination) before loading any model."""
     import random
 
-    from instantid_colab import memory, pipeline
-    from instantid_colab.faces import NoFaceError
-    from instantid_colab.weights import MissingWeightsError, WeightSizeError
+    from instantid_colab import memory, outputs, pipeline, settings
+    from instantid_colab.images import open_image
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    try:
-        weights = _weights(args)
-        face = args.face
-        if face is None:
-            if not args.smoke:
-                print("--face is required (a photo with one clearly visible face).", file=sys.stderr)
-                return 2
-            from instantid_colab.smoke import sample_face_image
+    values = settings.check({**_generation_values(args), "seed": seed})
+    del values["seed"]
+    if args.face is None and not args.smoke:
+        raise settings.SettingsError(["--face is required: a photo with one clearly visible face"])
+    if args.face is None:
+        from instantid_colab.smoke import sample_face_image
 
-            face = sample_face_image()
-        width, height = args.width, args.height
-        if args.smoke and width is None and height is None:
-            from instantid_colab.smoke import SMOKE_SIZE
+        face = sample_face_image()
+    else:
+        face = open_image(args.face, "face photo")
+    extra_faces = [open_image(path, "extra face photo") for path in args.extra_face or ()]
+    pose = open_image(args.pose, "pose image") if args.pose else None
+    paths, renamed = outputs.plan_outputs(args.out, values["num_images"], args.overwrite)
 
-            width = height = SMOKE_SIZE
-        recorder = memory.StageRecorder() if args.memory else None
-        session = pipeline.load_pipeline(weights, recorder=recorder)
-        result = pipeline.generate(
-            session, face, args.prompt, negative_prompt=args.negative_prompt, style=args.style,
-            identitynet_strength=args.identitynet_strength, adapter_strength=args.adapter_strength,
-            steps=args.steps, guidance_scale=args.guidance_scale, seed=seed, scheduler=args.scheduler,
-            width=width, height=height, num_images=args.num_images, pose_image=args.pose,
-            enhance_non_face=args.enhance_non_face, negative_noise=args.negative_noise, combine=args.combine,
-            lcm=args.lcm, extra_face_images=args.extra_face or (),
-        )
-    except (NoFaceError, MissingWeightsError, WeightSizeError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
-    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}")
-                                                   for i in range(len(result.images))]
+    weights = _weights(args)
+    recorder = memory.StageRecorder() if args.memory else None
+    session = pipeline.load_pipeline(weights, recorder=recorder)
+    result = pipeline.generate(session, face, args.prompt, negative_prompt=args.negative_prompt, seed=seed,
+                               pose_image=pose, extra_face_images=extra_faces, **values)
     for image, path in zip(result.images, paths):
-        pipeline.save_png(image, path)
+        pipeline.save_png(image, path, overwrite=args.overwrite)
     if result.label:
         print(f"[{result.label}]")
+    if renamed:
+        print(f"notice: {renamed}")
     for notice in result.notices:
         print(f"notice: {notice}")
     if recorder is not None:
@@ -139,18 +134,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _app(args: argparse.Namespace) -> int:
     from instantid_colab import app, pipeline
-    from instantid_colab.weights import MissingWeightsError, WeightSizeError
+    from instantid_colab.settings import SettingsError
 
     try:
         credentials = app.parse_auth(args.auth)
     except ValueError as error:
-        print(f"--auth: {error}", file=sys.stderr)
-        return 2
-    try:
-        weights = _weights(args)
-    except (MissingWeightsError, WeightSizeError) as error:
-        print(error, file=sys.stderr)
-        return 1
+        raise SettingsError([f"--auth: {error}"]) from None
+    weights = _weights(args)
     app.launch(pipeline.load_pipeline(weights), share=args.share, auth=credentials, port=args.port)
     return 0
 
@@ -163,68 +153,93 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drive", action="store_true", help="keep weights on the mounted Google Drive")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m instantid_colab", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _generate_options(generate: argparse.ArgumentParser) -> None:
+    from instantid_colab.settings import LIMITS
 
-    doctor = commands.add_parser("doctor", help="environment, memory and the memory plan")
-    doctor.add_argument("--json", action="store_true", help="one JSON object: environment, memory, plan")
-    doctor.set_defaults(handler=_doctor)
+    def limits(name: str, default: object) -> str:
+        return f"{LIMITS[name].render()}; default {default}"
 
-    install = commands.add_parser("install", help="install what is missing without touching torch or numpy")
-    install.add_argument("--dry-run", action="store_true", help="print the pip commands, change nothing")
-    install.add_argument("--dev", action="store_true", help="also the test tools (the package's `dev` extra)")
-    install.set_defaults(handler=_install)
-
-    inspect = commands.add_parser("inspect", help="read an InstantID adapter file's architecture")
-    inspect.add_argument("path")
-    inspect.add_argument("--json", action="store_true")
-    inspect.set_defaults(handler=_inspect)
-
-    download = commands.add_parser("download", help="fetch the InstantID weights (skips what is on disk)")
-    _weights_options(download)
-    download.set_defaults(handler=_download)
-
-    generate = commands.add_parser("generate", help="make one image from a face photo")
     generate.add_argument("--face", help="face photo (with --smoke: optional, a drawn smoke face)")
     generate.add_argument("--extra-face", action="append", help="more photos of the same person (repeatable)")
-    generate.add_argument("--combine", default="average", choices=("average", "norm_average", "concat"))
+    generate.add_argument("--combine", default="average", help="average | norm_average | concat")
     generate.add_argument("--prompt", default="", help='empty: "a person" (the official default)')
     generate.add_argument("--negative-prompt", default=None)
     generate.add_argument("--style", default="No style")
-    generate.add_argument("--out", default="outputs/instantid.png")
-    generate.add_argument("--seed", type=int, help="default: random (printed)")
-    generate.add_argument("--steps", type=int, default=30)
-    generate.add_argument("--guidance-scale", type=float, default=5.0)
+    generate.add_argument("--out", default="outputs/instantid.png",
+                          help="a .png file or a folder; an existing file is kept (the next free name is used)")
+    generate.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
+    generate.add_argument("--seed", type=int, help="default: random (printed); " + LIMITS["seed"].render())
+    generate.add_argument("--steps", type=int, default=30, help=limits("steps", 30))
+    generate.add_argument("--guidance-scale", type=float, default=5.0, help=limits("guidance_scale", 5.0))
     generate.add_argument("--scheduler", default="Euler")
-    generate.add_argument("--identitynet-strength", type=float, default=0.8)
-    generate.add_argument("--adapter-strength", type=float, default=0.8)
-    generate.add_argument("--width", type=int)
+    generate.add_argument("--identitynet-strength", type=float, default=0.8, help=limits("identitynet_strength", 0.8))
+    generate.add_argument("--adapter-strength", type=float, default=0.8, help=limits("adapter_strength", 0.8))
+    generate.add_argument("--width", type=int, help="multiple of 64, 64 to 1280 (with --height; default: from the photo)")
     generate.add_argument("--height", type=int)
-    generate.add_argument("--num-images", type=int, default=1)
+    generate.add_argument("--num-images", type=int, default=1, help=limits("num_images", 1))
     generate.add_argument("--pose", help="take the face keypoints (and output size) from this photo")
     generate.add_argument("--enhance-non-face", action=argparse.BooleanOptionalAction, default=True)
-    generate.add_argument("--negative-noise", type=float, default=0.0, help="ComfyUI's 0.35 fights burn")
+    generate.add_argument("--negative-noise", type=float, default=0.0, help=limits("negative_noise", 0.0))
     generate.add_argument("--lcm", action="store_true", help="LCM-LoRA: use ~5-10 steps, guidance ~1.5")
     generate.add_argument("--memory", action="store_true", help="print the per-stage memory table")
     generate.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
-    _weights_options(generate)
-    generate.set_defaults(handler=_generate)
 
-    app = commands.add_parser("app", help="the gradio app")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m instantid_colab", description=__doc__,
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, handler) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        cli_errors.debug_option(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    doctor = command("doctor", "environment, memory and the memory plan", _doctor)
+    doctor.add_argument("--json", action="store_true", help="one JSON object: environment, memory, plan")
+
+    install = command("install", "install what is missing without touching torch or numpy", _install)
+    install.add_argument("--dry-run", action="store_true", help="print the pip commands, change nothing")
+    install.add_argument("--dev", action="store_true", help="also the test tools (the package's `dev` extra)")
+
+    inspect = command("inspect", "read an InstantID adapter file's architecture", _inspect)
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+
+    _weights_options(command("download", "fetch the InstantID weights (skips what is on disk)", _download))
+
+    generate = command("generate", "make images from a face photo", _generate)
+    _generate_options(generate)
+    _weights_options(generate)
+
+    app = command("app", "the gradio app", _app)
     app.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), no download")
     app.add_argument("--share", action=argparse.BooleanOptionalAction, default=None,
                      help="public gradio link (default: on in Colab, off elsewhere)")
     app.add_argument("--auth", metavar="USER:PASS", help="require this login (share links are public)")
     app.add_argument("--port", type=int, help="local port (default: gradio's, 7860 or the next free one)")
     _weights_options(app)
-    app.set_defaults(handler=_app)
     return parser
 
 
+EXIT_CODES = """exit codes: 0 done; 1 the run could not do what was asked (the message says why and what to do);
+2 wrong command line or a value outside its range; 3 a bug (run again with --debug); 130 stopped with Ctrl-C"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a person can fix: bad values, files, faces, weights, memory. Anything else is our bug."""
+    from instantid_colab.pipeline import OutOfMemory
+    from instantid_colab.weights import MissingWeightsError, WeightSizeError
+
+    return (ValueError, FileNotFoundError, PermissionError, MissingWeightsError, WeightSizeError, OutOfMemory)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from instantid_colab.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    return cli_errors.run(args.handler, args, _user_errors(), usage_errors=(SettingsError,))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("psutil", "psutil", "5.9", "install", "memory measurements"),
     Requirement("packaging", "packaging", "22.0", "install", "version checks"),
     Requirement("pillow", "PIL", "9.1", "install", "images"),
+    Requirement("pillow-heif", "pillow_heif", "0.16", "install", "HEIC/HEIF photos from phones"),
     Requirement("gradio", "gradio", "5.0", "install", "the app"),
     Requirement("peft", "peft", "0.6", "install", "LCM-LoRA fast mode (diffusers loads LoRAs through peft)"),
     Requirement(

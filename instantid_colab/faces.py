@@ -1,8 +1,9 @@
 """Face analysis for InstantID: insightface detection + ArcFace embedding, keypoint drawing, combining.
 
 insightface does the detection and recognition; this module adds what the official demo lacks:
-any input image (EXIF rotation, alpha, grayscale, very large), retries before giving up (smaller
-detection sizes, then a padded copy for tight crops), and an error a person can act on.
+any input image (through `images.open_image`), very large photos detected on a downscaled copy,
+retries before giving up (smaller detection sizes, then a padded copy for tight crops), and an error
+a person can act on.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+from instantid_colab.images import ImageLike, open_image
+
 
 RETRY_DET_SIZES = (640, 480, 320, 256)  # after the configured size; cubiq's node also walks down
 PAD_FRACTION = 0.5  # padding per side, as a fraction of the longer side, for the tight-crop retry
@@ -71,22 +72,6 @@ class Face:
     @property
     def area(self) -> float:
         return float((self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1]))
-
-
-def load_image(src: ImageLike) -> Image.Image:
-    """Any photo as upright RGB: EXIF rotation applied, transparency on white, grayscale expanded."""
-    if isinstance(src, np.ndarray):
-        image = Image.fromarray(src)
-    elif isinstance(src, Image.Image):
-        image = src
-    else:
-        image = Image.open(src)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
 
 
 def draw_kps(size: tuple[int, int], kps: np.ndarray) -> Image.Image:
@@ -197,7 +182,7 @@ class FaceAnalyzer:
 
         `retries=False` tries the configured detection size only (no smaller sizes, no padded copy).
         """
-        rgb = np.asarray(load_image(image))
+        rgb = np.asarray(open_image(image, "face photo"))
         scale = min(1.0, MAX_DETECT_SIDE / max(rgb.shape[:2]))
         if scale < 1.0:
             size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))

@@ -160,8 +160,8 @@ def face_image(path: str = "", smoke: bool = False) -> Image.Image:
 
 
 def output_size(size: str = "Auto", smoke: bool = False) -> tuple[int | None, int | None]:
-    """The form's size preset (`pipeline.SIZE_PRESETS`) as (width, height); "Auto": the official rule follows the photo."""
-    from instantid_colab.pipeline import SIZE_PRESETS
+    """The form's size preset (`settings.SIZE_PRESETS`) as (width, height); "Auto": the official rule follows the photo."""
+    from instantid_colab.settings import SIZE_PRESETS
     from instantid_colab.smoke import SMOKE_SIZE
 
     if smoke:

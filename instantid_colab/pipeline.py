@@ -27,15 +27,13 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from instantid_colab import faces, memory, styles
+from instantid_colab.images import open_image
+from instantid_colab.settings import MULTIPLE, check as check_settings
 from instantid_colab.identity import FaceRegion, IdentityNet, _execution_device, face_region, face_tokens, use_face_region_processors
 from instantid_colab.weights import WeightPaths, ensure_lcm_lora
 
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
-MAX_SIDE, MIN_SIDE, MULTIPLE = 1280, 1024, 64  # official resize_img rule
-SIZE_PRESETS: dict[str, tuple[int, int]] = {
-    "square 1024": (1024, 1024), "portrait 896x1152": (896, 1152), "landscape 1152x896": (1152, 896),
-    "portrait 768x1024": (768, 1024), "landscape 1024x768": (1024, 768), "square 768": (768, 768),
-}
+OFFICIAL_LONG_SIDE, OFFICIAL_SHORT_SIDE = 1280, 1024  # the official resize_img rule
 
 # name -> (diffusers scheduler class, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -197,24 +195,10 @@ def _make_scheduler(name: str, config: dict):
 
 def official_size(width: int, height: int) -> tuple[int, int]:
     """The official demo's resize_img: short side to 1024, then long side to 1280, floored to multiples of 64."""
-    ratio = MIN_SIDE / min(width, height)
+    ratio = OFFICIAL_SHORT_SIDE / min(width, height)
     width, height = round(ratio * width), round(ratio * height)
-    ratio = MAX_SIDE / max(width, height)
+    ratio = OFFICIAL_LONG_SIDE / max(width, height)
     return (round(ratio * width) // MULTIPLE) * MULTIPLE, (round(ratio * height) // MULTIPLE) * MULTIPLE
-
-
-def check_size(width: int, height: int) -> None:
-    """Explicit sizes: multiples of 64 with the long side <= 1280 (what SDXL and the IdentityNet were trained at)."""
-    problems = []
-    if width % MULTIPLE or height % MULTIPLE:
-        problems.append(f"width and height must be multiples of {MULTIPLE}")
-    if max(width, height) > MAX_SIDE:
-        problems.append(f"the long side must be at most {MAX_SIDE}")
-    if min(width, height) < MULTIPLE:
-        problems.append(f"each side must be at least {MULTIPLE}")
-    if problems:
-        presets = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS.values())
-        raise ValueError(f"size {width}x{height} not allowed: {'; '.join(problems)} (e.g. {presets}).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,12 +254,16 @@ def _text_encoders_detached(pipe):
         pipe.register_modules(text_encoder=encoders[0], text_encoder_2=encoders[1])
 
 
+class OutOfMemory(RuntimeError):
+    """Out of GPU memory even with the lightest memory plan; the message says what to lower."""
+
+
 def _oom_retry_plan(session: InstantIDSession, error: BaseException) -> str:
     """Free memory, step the plan down and apply it; returns the notice (raises when there is no lighter plan)."""
     memory.cleanup()
     lighter = memory.step_down(session.plan)
     if lighter is None:
-        raise RuntimeError(
+        raise OutOfMemory(
             f"Out of GPU memory with the lightest memory plan ({session.plan.placement}): {error}. "
             "Try a smaller width/height or fewer images.") from error
     memory.apply(lighter, session.pipe)
@@ -335,12 +323,20 @@ def _metadata(settings: dict, label: str | None) -> PngInfo:
     return info
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Save with the settings/seed metadata that `generate` attached (PIL drops it unless passed again)."""
+def save_png(image: Image.Image, path: str | Path, overwrite: bool = True) -> Path:
+    """Save with the settings/seed metadata that `generate` attached (PIL drops it unless passed again).
+
+    `overwrite=False` never replaces a file (FileExistsError), even one that appeared during generation.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=getattr(image, "pnginfo", None))
+    with path.open("wb" if overwrite else "xb") as handle:
+        image.save(handle, format="PNG", pnginfo=getattr(image, "pnginfo", None))
     return path
+
+
+class GenerationStopped(Exception):
+    """The caller's `should_stop` asked to stop; the pipeline is left ready for the next call."""
 
 
 def generate(session: InstantIDSession, face_image, prompt: str = "", *, negative_prompt: str | None = None,
@@ -349,28 +345,33 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
              width: int | None = None, height: int | None = None, num_images: int = 1, pose_image=None,
              enhance_non_face: bool = True, negative_noise: float = 0.0, combine: str = "average",
              lcm: bool = False, extra_face_images: Sequence = (), callback: Callable[[int, int], None] | None = None,
-             ) -> GenerationResult:
+             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate `num_images` images of the person in `face_image`.
 
-    Raises faces.NoFaceError when no face is found. Out of memory once -> lighter plan and one retry
-    (said in `notices`). The returned images carry their settings and seed as PNG text (`save_png`).
+    Every setting is checked first (`settings.check`: SettingsError names the value and its range).
+    Raises images.ImageInputError for a picture that cannot be used, faces.NoFaceError when no face is
+    found, GenerationStopped when `should_stop()` turns true between steps. Out of memory once ->
+    lighter plan and one retry (said in `notices`). The images carry their settings, seed and likeness
+    as PNG text (`save_png`).
     """
     started = time.perf_counter()
-    if combine not in faces.COMBINE_MODES:  # before the face analysis, not after it
-        raise ValueError(f"combine must be one of {', '.join(faces.COMBINE_MODES)}, not {combine!r}")
-    prompt = prompt.strip() or DEFAULT_PROMPT
+    checked = check_settings({
+        "style": style, "identitynet_strength": identitynet_strength, "adapter_strength": adapter_strength,
+        "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "scheduler": scheduler, "width": width,
+        "height": height, "num_images": num_images, "enhance_non_face": enhance_non_face,
+        "negative_noise": negative_noise, "combine": combine, "lcm": lcm,
+    })
+    steps, seed, num_images, guidance_scale = checked["steps"], checked["seed"], checked["num_images"], checked["guidance_scale"]
+    identitynet_strength, adapter_strength = checked["identitynet_strength"], checked["adapter_strength"]
+    negative_noise = checked["negative_noise"]
+    prompt = (prompt or "").strip() or DEFAULT_PROMPT
     styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
-    face_images = [faces.load_image(image) for image in (face_image, *extra_face_images)]
+    face_images = [open_image(image, "face photo") for image in (face_image, *extra_face_images)]
+    layout_image = open_image(pose_image, "pose image") if pose_image is not None else face_images[0]
     embedding, face = session.faces.embed(face_images, combine)
-    layout_image, layout_face = face_images[0], face
-    if pose_image is not None:
-        layout_image = faces.load_image(pose_image)
-        layout_face = session.faces.detect(layout_image)
-    if width is None and height is None:
+    layout_face = session.faces.detect(layout_image) if pose_image is not None else face
+    if width is None:
         width, height = official_size(*layout_image.size)
-    elif width is None or height is None:
-        raise ValueError("give both width and height, or neither (then the official size rule is used)")
-    check_size(width, height)
 
     kps = _scaled(layout_face.kps, layout_image.size, (width, height))
     kps_image = faces.draw_kps((width, height), kps)
@@ -390,7 +391,7 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
         settings["label"] = label
     notices: list[str] = []
     call = dict(prompt=styled_prompt, negative_prompt=styled_negative, embedding=embedding, kps_image=kps_image,
-                mask=mask, settings=settings, callback=callback)
+                mask=mask, settings=settings, callback=callback, should_stop=should_stop)
     try:
         images = _denoise_and_decode(session, notices, **call)
     except _OOM_ERRORS as error:
@@ -409,7 +410,7 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
-                        embedding, kps_image, mask, settings: dict, callback) -> list[Image.Image]:
+                        embedding, kps_image, mask, settings: dict, callback, should_stop) -> list[Image.Image]:
     pipe = session.pipe
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
     lcm = settings["lcm"]
@@ -433,6 +434,8 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     def on_step_end(_pipe, step, _timestep, tensors):
         if callback is not None:
             callback(step + 1, steps)
+        if should_stop is not None and should_stop():
+            raise GenerationStopped(f"stopped after step {step + 1} of {steps}")
         return tensors
 
     text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -12,7 +14,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from instantid_colab import app, cli, faces, memory, pipeline, styles
+from instantid_colab import app, cli, faces, memory, pipeline, settings, styles
 from instantid_colab.smoke import SMOKE_LABEL
 
 
@@ -38,16 +40,16 @@ def test_parse_size_reads_auto_and_typed_sizes(text, size):
 
 
 def test_parse_size_reads_every_core_preset_by_its_name():
-    for name, size in pipeline.SIZE_PRESETS.items():
+    for name, size in settings.SIZE_PRESETS.items():
         assert app.parse_size(name) == size
-    assert app.SIZE_CHOICES == (app.AUTO_SIZE, *pipeline.SIZE_PRESETS)
+    assert app.SIZE_CHOICES == (app.AUTO_SIZE, *settings.SIZE_PRESETS)
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("1000x1000", "multiples of 64"),
-        ("1024x1408", "long side must be at most 1280"),
+        ("1024x1408", "height 1408 is out of range: use 64 to 1280"),
         ("big", "not WIDTHxHEIGHT"),
         ("1024x", "not WIDTHxHEIGHT"),
     ],
@@ -75,17 +77,18 @@ def test_parse_auth_refuses_incomplete_logins(text, message):
 
 def test_check_image_file_accepts_a_photo_and_refuses_what_no_detector_can_use(tmp_path):
     photo, note, tiny, huge = (tmp_path / name for name in ("photo.png", "note.png", "tiny.png", "huge.png"))
-    Image.new("RGB", (640, 480)).save(photo)
+    Image.new("RGB", (640, 480), (10, 20, 30)).save(photo)
     note.write_text("not an image")
     Image.new("RGB", (32, 48)).save(tiny)
     Image.new("1", (8000, 6000)).save(huge)
 
-    assert app.check_image_file(photo, "face photo") == str(photo)
-    with pytest.raises(app.InputError, match="face photo: note.png is not an image I can read"):
+    opened = app.check_image_file(photo, "face photo")
+    assert opened.size == (640, 480) and opened.getpixel((0, 0)) == (10, 20, 30)
+    with pytest.raises(app.InputError, match="^face photo: note.png is not a picture \\(12 bytes that no image reader"):
         app.check_image_file(note, "face photo")
-    with pytest.raises(app.InputError, match="tiny.png is 32x48; faces need at least 64 px"):
+    with pytest.raises(app.InputError, match="^face photo: tiny.png is 32x48; faces need at least 64 px"):
         app.check_image_file(tiny, "face photo")
-    with pytest.raises(app.InputError, match="huge.png is 8000x6000 \\(48 MP\\); the limit is 40 MP"):
+    with pytest.raises(app.InputError, match="^pose image: huge.png is 8000x6000 \\(48 MP\\); the limit is 40 MP"):
         app.check_image_file(huge, "pose image")
 
 
@@ -125,7 +128,7 @@ def test_generate_handler_turns_bad_inputs_into_page_errors_before_the_core_runs
     note.write_text("a text file renamed to .jpg")
     with pytest.raises(gr.Error, match="upload a face photo first"):
         handler(**_handler_args())
-    with pytest.raises(gr.Error, match="face.jpg is not an image I can read"):
+    with pytest.raises(gr.Error, match="face photo: face.jpg is not a picture"):
         handler(**_handler_args(face_path=str(note)))
 
 
@@ -239,3 +242,41 @@ def test_generate_handler_shows_the_no_face_advice_as_a_page_error(smoke_session
     Image.new("RGB", (256, 256), (128, 128, 128)).save(grey)
     with pytest.raises(gr.Error, match="No face found.*clear, well-lit photo"):
         app._generate_handler(smoke_session)(**_handler_args(face_path=str(grey), steps=1, size="64x64"))
+
+
+class _PressedDuringRun(threading.Event):
+    """The Stop button pressed right after Generate: the handler's own clear() is followed by a press."""
+
+    def clear(self):
+        super().clear()
+        self.set()
+
+
+def test_stop_ends_the_run_with_a_message_and_the_app_stays_usable(smoke_session, face_file):
+    outputs = app._generate_handler(smoke_session, _PressedDuringRun())(**_handler_args(face_path=face_file, steps=3,
+                                                                                       size="64x64"))
+    assert outputs[-1] == "Stopped (stopped after step 1 of 3); nothing was made. Press Generate to start again."
+    gallery, *_ = app._generate_handler(smoke_session, threading.Event())(**_handler_args(face_path=face_file, steps=1,
+                                                                                          size="64x64"))
+    assert gallery[0][0].size == (64, 64)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(steps=0), "steps 0 is out of range: use 1 to 100"),
+    (dict(seed=float("nan")), "seed nan is not a number"),
+    (dict(adapter_strength=50), "adapter_strength 50.0 is out of range"),
+    (dict(size="1000x1000"), "multiples of 64"),
+])
+def test_page_refuses_values_outside_the_shared_ranges(smoke_session, face_file, changes, message):
+    with pytest.raises(gr.Error, match=re.escape(message)):
+        app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, **changes))
+
+
+def test_a_bug_in_the_core_becomes_a_page_message_and_the_next_click_works(smoke_session, face_file, monkeypatch):
+    original = pipeline.generate
+    monkeypatch.setattr(pipeline, "generate", lambda *a, **k: 1 / 0)
+    with pytest.raises(gr.Error, match=r"Internal error \(ZeroDivisionError: division by zero\)\. The app is still usable"):
+        app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=1, size="64x64"))
+    monkeypatch.setattr(pipeline, "generate", original)
+    gallery, *_ = app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=1, size="64x64"))
+    assert gallery[0][0].size == (64, 64)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instantid_colab.faces import FaceAnalyzer, NoFaceError, combine_embeddings, draw_kps, load_image
+from instantid_colab.faces import FaceAnalyzer, NoFaceError, combine_embeddings, draw_kps
+from instantid_colab.images import open_image
 from instantid_colab.smoke.faces import KPS_OFFSETS, write_smoke_face_models
 
 BACKGROUND = (40, 40, 40)
@@ -83,7 +84,7 @@ def test_rgba_grayscale_and_exif_rotated_give_the_same_keypoints(analyzer):
     stored.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
     buffer.seek(0)
     rotated = Image.open(buffer)
-    assert rotated.size == (480, 640) and load_image(rotated).size == (640, 480)
+    assert rotated.size == (480, 640) and open_image(rotated).size == (640, 480)
 
     for variant in (rgba, grayscale, rotated):
         np.testing.assert_allclose(analyzer.detect(variant).kps, reference, atol=1)

@@ -135,7 +135,7 @@ def test_style_dropdown_lists_exactly_the_package_styles() -> None:
 
 
 def test_size_dropdown_offers_the_pipeline_presets() -> None:
-    from instantid_colab.pipeline import SIZE_PRESETS
+    from instantid_colab.settings import SIZE_PRESETS
     from instantid_colab.smoke import SMOKE_SIZE
 
     form = next(cell.source for cell in code_cells(load("03_generate")) if cell.source.lstrip().startswith("#@title Settings"))

@@ -10,7 +10,7 @@ from diffusers import ControlNetModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from PIL import Image
 
-from instantid_colab import memory, pipeline, smoke
+from instantid_colab import memory, pipeline, settings, smoke
 from instantid_colab.faces import NoFaceError
 from instantid_colab.identity import FaceRegion
 
@@ -178,11 +178,11 @@ def test_official_output_size_rule():
     assert pipeline.official_size(1000, 1000) == (1280, 1280)
     assert pipeline.official_size(768, 1024) == (960, 1280)
     assert pipeline.official_size(640, 480) == (1280, 960)
-    pipeline.check_size(1152, 896)
-    with pytest.raises(ValueError, match="multiples of 64"):
-        pipeline.check_size(1000, 1000)
-    with pytest.raises(ValueError, match="at most 1280"):
-        pipeline.check_size(1344, 768)
+    settings.check_size(1152, 896)
+    with pytest.raises(settings.SettingsError, match="multiples of 64"):
+        settings.check_size(1000, 1000)
+    with pytest.raises(settings.SettingsError, match="width 1344 is out of range: use 64 to 1280"):
+        settings.check_size(1344, 768)
 
 
 def test_png_metadata_round_trip(session, face, tmp_path):
@@ -260,3 +260,29 @@ def test_likeness_of_several_reference_photos_uses_their_mean_direction(session,
     expected = (mine / np.linalg.norm(mine) + theirs / np.linalg.norm(theirs))
     expected = float(np.dot(expected / np.linalg.norm(expected), mine / np.linalg.norm(mine)))
     assert session.faces.likeness(both, face).similarity == pytest.approx(expected, abs=1e-4)
+
+
+def _stop_at_first_step():
+    raise KeyboardInterrupt  # what Ctrl-C, or a notebook's Interrupt, raises between two steps
+
+
+@pytest.mark.parametrize("how", ["Stop button", "Ctrl-C"])
+def test_a_stopped_generation_leaves_the_session_ready_for_the_next(session, face, how):
+    reference = pipeline.generate(session, face, seed=13, **SIZE)
+    if how == "Stop button":
+        with pytest.raises(pipeline.GenerationStopped, match="stopped after step 1 of 2"):
+            pipeline.generate(session, face, seed=13, should_stop=lambda: True, **SIZE)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.generate(session, face, seed=13, callback=lambda step, total: _stop_at_first_step(), **SIZE)
+    regions = [getattr(p, "region", None) for p in session.pipe.unet.attn_processors.values()]
+    assert session.pipe.controlnet._face_tokens is None and regions.count(None) == len(regions)
+    assert session.pipe.text_encoder is not None and session.pipe.text_encoder_2 is not None
+    again = pipeline.generate(session, face, seed=13, **SIZE)
+    assert np.array_equal(_pixels(reference), _pixels(again))
+
+
+def test_settings_are_checked_before_any_face_analysis(session, monkeypatch):
+    monkeypatch.setattr(session.faces, "embed", lambda *a, **k: pytest.fail("face analysis ran"))
+    with pytest.raises(settings.SettingsError, match="steps 0 is out of range"):
+        pipeline.generate(session, "no-such-photo.jpg", steps=0)

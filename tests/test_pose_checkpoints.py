@@ -105,5 +105,5 @@ def test_cli_inspect_json(tmp_path, models, capsys):
     assert {k: info[k] for k in ("variant", "depth_dim", "head_channels", "params", "epoch", "key_format")} == {
         "variant": "M", "depth_dim": 64, "head_channels": 256, "params": 7_587_008, "epoch": 70,
         "key_format": "indexed"}
-    assert main(["inspect", str(tmp_path / "missing.tar")]) == 2
+    assert main(["inspect", str(tmp_path / "missing.tar")]) == 1
     assert "Checkpoint not found" in capsys.readouterr().err

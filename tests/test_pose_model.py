@@ -37,5 +37,5 @@ def test_soft_argmax_recovers_a_sharp_peak():
 
 
 def test_unknown_variant_names_the_choices():
-    with pytest.raises(KeyError, match="XS, S, M, L"):
+    with pytest.raises(ValueError, match="XS, S, M, L"):
         get_variant("XL")

@@ -9,6 +9,7 @@ Released files (`ConvNeXtPose_{XS,S,M,L}.tar`) are `torch.save` zip archives hol
 from __future__ import annotations
 
 import io
+import pickle
 import re
 import zipfile
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from instantid_colab.pickles import refused_object
 from instantid_colab.pose.model import ConvNeXtPose
 from instantid_colab.pose.variants import NUM_JOINTS, VARIANTS, PoseVariant
 
@@ -84,11 +86,24 @@ def read_checkpoint(path: str | Path) -> object:
     source = _zip_folder(_find_archive_root(path)) if path.is_dir() else path
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, BadZipFile...
+    except pickle.UnpicklingError as error:
+        if (refused := refused_object(error)) is None:
+            raise CheckpointError(_unreadable(path, error)) from None
         raise CheckpointError(
-            f"Could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}). The file may be "
-            "truncated (an interrupted download) or not a checkpoint: download it again and compare its size."
-        ) from error
+            f"{path} was refused: besides tensors it holds a Python object ({refused}), and loading it could run "
+            "code from the file. A released ConvNeXtPose checkpoint holds only tensors and numbers ({'epoch', "
+            "'network', 'optimizer'}). Download ConvNeXtPose_{XS,S,M,L}.tar again from the official Google Drive "
+            "folder; if you made and trust this file, load it yourself and save {'network': model.state_dict()}."
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, BadZipFile... for damaged files
+        raise CheckpointError(_unreadable(path, error)) from None
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    first_line = str(error).splitlines()[0][:200] if str(error) else ""
+    return (f"Could not read {path} as a PyTorch checkpoint ({type(error).__name__}: {first_line}). Expected a "
+            "ConvNeXtPose_{XS,S,M,L}.tar from the official release (a zip written by torch.save). The file may be "
+            "truncated (an interrupted download) or not a checkpoint: download it again and compare its size.")
 
 
 def extract_state_dict(obj: object) -> tuple[dict[str, torch.Tensor], int | None, bool]:

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from instantid_colab import cli_errors
 from instantid_colab.pose.checkpoints import CheckpointError
 
 
@@ -25,7 +26,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from instantid_colab.pose.benchmark import SMOKE_LABEL, run_benchmark, run_smoke
 
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    from instantid_colab.pose.variants import get_variant
+
+    variants = [get_variant(v.strip()).name for v in args.variants.split(",")] if args.variants else None
     if args.smoke:
         print(SMOKE_LABEL)
         result = run_smoke(args.out, variants, args.protocol)
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", help="released .tar/.pth, its unzipped folder, or a state dict")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(handler=_inspect)
+    cli_errors.debug_option(inspect)
     bench = commands.add_parser("bench", help="params, MACs, speed and Human3.6M error per variant")
     bench.add_argument("--checkpoints", help="folder with ConvNeXtPose_*.tar (omit: random weights, speed only)")
     bench.add_argument("--h36m", help="Human3.6M root in 3DMPPE layout (omit: no accuracy)")
@@ -56,16 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--smoke", action="store_true",
                        help="smoke: random weights, synthetic data, written under --out; checks the whole path")
     bench.set_defaults(handler=_bench)
+    cli_errors.debug_option(bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except (CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return cli_errors.run(args.handler, args, user_errors=(CheckpointError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -57,5 +57,5 @@ def get_variant(name: str) -> PoseVariant:
     try:
         return VARIANTS[name.upper()]
     except KeyError:
-        raise KeyError(f"Unknown ConvNeXtPose variant {name!r}; choose one of {', '.join(VARIANTS)}.") from None
+        raise ValueError(f"Unknown ConvNeXtPose variant {name!r}; choose one of {', '.join(VARIANTS)}.") from None
 

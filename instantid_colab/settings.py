@@ -1,0 +1,135 @@
+"""Which generation settings are allowed: one table and one check for every entry point.
+
+The CLI, the app, the notebook form, the batch command and `pipeline.generate` itself all call
+`check` before any model work, so a value is refused the same way everywhere, with its name, the
+value and the allowed range. The ranges are the official InstantID demo's (`gradio_demo/app.py`,
+`app-multicontrolnet.py`) where it has a control, and say where they come from otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_SIDE, MULTIPLE = 1280, 64  # SDXL and the IdentityNet were trained up to 1280 px, in steps of 64
+SIZE_PRESETS: dict[str, tuple[int, int]] = {
+    "square 1024": (1024, 1024), "portrait 896x1152": (896, 1152), "landscape 1152x896": (1152, 896),
+    "portrait 768x1024": (768, 1024), "landscape 1024x768": (1024, 768), "square 768": (768, 768),
+}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """An allowed closed range; `integer` values must be whole numbers."""
+
+    low: float
+    high: float
+    integer: bool = False
+    source: str = ""
+
+    def render(self) -> str:
+        low, high = (int(v) if float(v).is_integer() else v for v in (self.low, self.high))
+        return f"{low} to {high}" + (f" ({self.source})" if self.source else "")
+
+
+LIMITS: dict[str, Bounds] = {
+    "steps": Bounds(1, 100, True, "the official demo goes up to 100; fast mode (LCM) uses 4-10"),
+    "guidance_scale": Bounds(0, 10, source="the official demo's range; 1 or less turns classifier-free guidance off"),
+    "identitynet_strength": Bounds(0, 1.5, source="the official demo's range"),
+    "adapter_strength": Bounds(0, 1.5, source="the official demo's range"),
+    "negative_noise": Bounds(0, 1, source="ComfyUI_InstantID's noise injection; it uses 0.35"),
+    "num_images": Bounds(1, 8, True, "per call; the batch command makes any number"),
+    "seed": Bounds(0, 2**32 - 1, True),
+    "init_strength": Bounds(0.01, 1, source="how much of the start photo is repainted; the official img2img demo"),
+    "control_strength": Bounds(0, 1.5, source="the official multi-ControlNet demo's range"),
+    "control_start": Bounds(0, 1, source="fraction of the steps"),
+    "control_end": Bounds(0, 1, source="fraction of the steps"),
+    "lora_scale": Bounds(-2, 2, source="negative scales push away from a LoRA's style"),
+}
+FLAGS = ("enhance_non_face", "lcm")
+
+
+class SettingsError(ValueError):
+    """Settings outside what is allowed; one line per problem, each naming the value and the range."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems) if len(problems) == 1 else
+                         "these settings are not allowed:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def number(name: str, value: Any, bounds: Bounds | None = None) -> tuple[float | int | None, str | None]:
+    """(the value as int/float, None) when allowed, else (None, the problem)."""
+    bounds = bounds or LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return None, f"{name} {value!r} is not a number: use {bounds.render()}"
+    if math.isnan(value) or math.isinf(value):
+        return None, f"{name} {value} is not a number: use {bounds.render()}"
+    if bounds.integer and not float(value).is_integer():
+        return None, f"{name} {value} is not a whole number: use {bounds.render()}"
+    value = int(value) if bounds.integer else float(value)
+    if not bounds.low <= value <= bounds.high:
+        return None, f"{name} {value} is out of range: use {bounds.render()}"
+    return value, None
+
+
+def size_problems(width: Any, height: Any) -> list[str]:
+    """Why an explicit output size cannot be made (empty when it can)."""
+    side = Bounds(MULTIPLE, MAX_SIDE, True)
+    problems = [problem for name, value in (("width", width), ("height", height))
+                if (problem := number(name, value, side)[1])]
+    if problems:
+        return problems
+    if width % MULTIPLE or height % MULTIPLE:
+        presets = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS.values())
+        return [f"size {width}x{height}: width and height must be multiples of {MULTIPLE} (e.g. {presets})"]
+    return []
+
+
+def check_size(width: int, height: int) -> None:
+    """Explicit sizes: multiples of 64, each side 64 to 1280 (what SDXL and the IdentityNet were trained at)."""
+    problems = size_problems(width, height)
+    if problems:
+        raise SettingsError(problems)
+
+
+def check(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A validated copy of `pipeline.generate`'s keyword arguments; SettingsError lists every problem.
+
+    Keys it does not know (images, prompts, callbacks) pass through unchanged. Numbers come back as
+    int/float (30.0 steps -> 30), so the CLI, the app's floats and a notebook's ints all agree.
+    """
+    from instantid_colab import faces, pipeline, styles
+
+    checked, problems = dict(values), []
+    for name in LIMITS:
+        if name in values and values[name] is not None:
+            checked[name], problem = number(name, values[name])
+            if problem:
+                problems.append(problem)
+    for name in FLAGS:
+        if name in values and not isinstance(values[name], bool):
+            problems.append(f"{name} {values[name]!r} must be true or false")
+    choices = {"style": tuple(styles.STYLES), "scheduler": tuple(pipeline.SCHEDULERS),
+               "combine": faces.COMBINE_MODES}
+    for name, allowed in choices.items():
+        if name in values and values[name] not in allowed:
+            problems.append(f"{name} {values[name]!r} is not one of: {', '.join(allowed)}")
+    width, height = values.get("width"), values.get("height")
+    if (width is None) != (height is None):
+        problems.append("give both width and height, or neither (then the official size rule follows the photo)")
+    elif width is not None:
+        problems += size_problems(width, height)
+    if values.get("init_image") is not None and not problems:
+        steps, strength = checked.get("steps", 30), checked.get("init_strength", 0.8)
+        if int(steps * strength) < 1:
+            problems.append(f"init_strength {strength} x steps {steps} repaints less than one step: "
+                            "raise the strength or the steps")
+    if problems:
+        raise SettingsError(problems)
+    return checked

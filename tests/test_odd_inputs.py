@@ -1,0 +1,313 @@
+"""Odd inputs through the command lines, as a new user types them: each gets its exact answer.
+
+Every case states the exit code (0 done, 1 the run could not do what was asked, 2 a wrong command line
+or a value out of range, 3 our bug, 130 Ctrl-C), the message, and that nothing in the working folder
+changed unless the run succeeded. The first 18 cases are the ones the issue saw fail; the rest are ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from instantid_colab import cli, pipeline, smoke
+from instantid_colab.pose import cli as pose_cli
+
+QUICK = ["--smoke", "--steps", "1", "--seed", "3"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def face_png(path: Path) -> Path:
+    smoke.sample_face_image().save(path)
+    return path
+
+
+def face_16bit(path: Path) -> Path:
+    """The sample face as a 16-bit grey PNG: Pillow's own RGB conversion turns it white (no face)."""
+    grey = np.asarray(smoke.sample_face_image().convert("L"), np.uint16) * 257
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode == "I;16"
+    return path
+
+
+def truncated_jpeg(path: Path) -> Path:
+    buffer = io.BytesIO()
+    smoke.sample_face_image().save(buffer, format="JPEG", quality=95)
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+def text_as_jpg(path: Path) -> Path:
+    path.write_text("this is a shopping list, not a photo")
+    return path
+
+
+class Evil:
+    """Pickles into a call of os.system: what weights_only=True exists to refuse."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo owned",)
+
+
+def evil_pickle(path: Path) -> Path:
+    torch.save({"network": {"x": torch.zeros(1)}, "hook": Evil()}, path)
+    return path
+
+
+@dataclass
+class Case:
+    argv: Callable[[Path], list[str]]  # builds the command line in a fresh folder
+    code: int
+    message: str  # regex searched in stderr (errors) or stdout (successes)
+    main: Callable = cli.main
+    check: Callable[[Path], None] | None = None  # extra assertions on the folder after a success
+    changes_files: bool = False
+    env: dict = field(default_factory=dict)
+
+
+def out(folder: Path) -> str:
+    return str(folder / "out" / "x.png")
+
+
+def existing_output(folder: Path) -> list[str]:
+    (folder / "out").mkdir()
+    face_png(folder / "out" / "x.png")  # yesterday's picture
+    return [*QUICK, "--out", out(folder)]
+
+
+def kept_and_renamed(folder: Path) -> None:
+    assert snapshot(folder)["out/x.png"] == hashlib.sha256(_face_bytes()).hexdigest()
+    assert json.loads(Image.open(folder / "out" / "x_2.png").text["instantid"])["seed"] == 3
+
+
+def _face_bytes() -> bytes:
+    buffer = io.BytesIO()
+    smoke.sample_face_image().save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overwritten(folder: Path) -> None:
+    assert "instantid" in Image.open(folder / "out" / "x.png").text
+    assert not (folder / "out" / "x_2.png").exists()
+
+
+def written(*names: str) -> Callable[[Path], None]:
+    def check(folder: Path) -> None:
+        for name in names:
+            assert json.loads(Image.open(folder / name).text["instantid"])["seed"] == 3, name
+    return check
+
+
+CASES = {
+    # --- seen failing in the issue -------------------------------------------------------------
+    "face is a folder": Case(lambda f: [*QUICK, "--face", str(f), "--out", out(f)], 1,
+                             r"face photo: .* is a folder, not a picture"),
+    "face is an empty file": Case(lambda f: [*QUICK, "--face", str(_touch(f / "e.jpg")), "--out", out(f)], 1,
+                                  r"face photo: .*e\.jpg is empty \(0 bytes\)"),
+    "face is a text file named .jpg": Case(lambda f: [*QUICK, "--face", str(text_as_jpg(f / "t.jpg")), "--out", out(f)],
+                                           1, r"face photo: .*t\.jpg is not a picture \(36 bytes"),
+    "face is a truncated JPEG": Case(lambda f: [*QUICK, "--face", str(truncated_jpeg(f / "cut.jpg")), "--out", out(f)],
+                                     1, r"face photo: .*cut\.jpg is damaged or cut off \(image file is truncated"),
+    "extra face is not an image": Case(lambda f: [*QUICK, "--face", str(face_png(f / "a.png")), "--extra-face",
+                                                  str(text_as_jpg(f / "b.jpg")), "--out", out(f)], 1,
+                                       r"extra face photo: .*b\.jpg is not a picture"),
+    "steps 0": Case(lambda f: [*QUICK, "--steps", "0", "--out", out(f)], 2,
+                    r"steps 0 is out of range: use 1 to 100 \(the official demo goes up to 100"),
+    "num-images 0": Case(lambda f: [*QUICK, "--num-images", "0", "--out", out(f)], 2,
+                         r"num_images 0 is out of range: use 1 to 8"),
+    "negative steps": Case(lambda f: [*QUICK, "--steps", "-5", "--out", out(f)], 2, r"steps -5 is out of range"),
+    "NaN guidance": Case(lambda f: [*QUICK, "--guidance-scale", "nan", "--out", out(f)], 2,
+                         r"guidance_scale nan is not a number: use 0 to 10"),
+    "negative IdentityNet strength": Case(lambda f: [*QUICK, "--identitynet-strength", "-0.5", "--out", out(f)], 2,
+                                          r"identitynet_strength -0.5 is out of range: use 0 to 1.5"),
+    "adapter strength 50": Case(lambda f: [*QUICK, "--adapter-strength", "50", "--out", out(f)], 2,
+                                r"adapter_strength 50.0 is out of range: use 0 to 1.5"),
+    "negative noise injection": Case(lambda f: [*QUICK, "--negative-noise", "-1", "--out", out(f)], 2,
+                                     r"negative_noise -1.0 is out of range: use 0 to 1"),
+    "steps 100000": Case(lambda f: [*QUICK, "--steps", "100000", "--out", out(f)], 2, r"steps 100000 is out of range"),
+    "num-images 1000": Case(lambda f: [*QUICK, "--num-images", "1000", "--out", out(f)], 2,
+                            r"num_images 1000 is out of range: use 1 to 8"),
+    "out in a folder that cannot be created": Case(lambda f: [*QUICK, "--out", str(_touch(f / "file") / "sub" / "x.png")],
+                                                   1, r"cannot write into .*file/sub: .*file is a file, not a folder"),
+    "existing output is kept": Case(existing_output, 0, r"x\.png already exists: writing .*x_2\.png instead "
+                                                        r"\(--overwrite replaces\)", check=kept_and_renamed,
+                                    changes_files=True),
+    "16-bit PNG of a clear face": Case(lambda f: [*QUICK, "--face", str(face_16bit(f / "g16.png")), "--out", out(f)], 0,
+                                       r"saved .*out/x\.png", check=written("out/x.png"), changes_files=True),
+    "pose: pickled checkpoint with code": Case(lambda f: ["inspect", str(evil_pickle(f / "ConvNeXtPose_S.tar"))], 1,
+                                               r"ConvNeXtPose_S\.tar was refused: besides tensors it holds a Python object \(posix\.system\)"
+                                               r".*Download ConvNeXtPose_\{XS,S,M,L\}\.tar again", main=pose_cli.main),
+    # --- ours ----------------------------------------------------------------------------------
+    "--overwrite replaces": Case(lambda f: [*existing_output(f), "--overwrite"], 0, r"saved .*out/x\.png",
+                                 check=overwritten, changes_files=True),
+    "out is not a .png": Case(lambda f: [*QUICK, "--out", str(f / "x.jpg")], 1,
+                              r"--out .*x\.jpg must end in \.png: the settings, seed and likeness are stored as PNG text"),
+    "out is an existing folder": Case(lambda f: [*QUICK, "--out", str(f)], 0, r"saved .*/instantid\.png",
+                                      check=written("instantid.png"), changes_files=True),
+    "two images get numbered names": Case(lambda f: [*QUICK, "--num-images", "2", "--out", out(f)], 0,
+                                          r"saved .*x-1\.png", check=written("out/x-0.png", "out/x-1.png"),
+                                          changes_files=True),
+    "face does not exist": Case(lambda f: [*QUICK, "--face", str(f / "nope.jpg"), "--out", out(f)], 1,
+                                r"face photo: .*nope\.jpg does not exist"),
+    "pose image is not an image": Case(lambda f: [*QUICK, "--pose", str(text_as_jpg(f / "p.jpg")), "--out", out(f)], 1,
+                                       r"pose image: .*p\.jpg is not a picture"),
+    "face photo too small": Case(lambda f: [*QUICK, "--face", str(_tiny(f / "s.png")), "--out", out(f)], 1,
+                                 r"face photo: .*s\.png is 32x32; faces need at least 64 px a side"),
+    "face photo too large": Case(lambda f: [*QUICK, "--face", str(_huge(f / "h.png")), "--out", out(f)], 1,
+                                 r"h\.png is 9000x9000 \(81 MP\); the limit is 40 MP"),
+    "grey photo has no face": Case(lambda f: [*QUICK, "--face", str(_grey(f / "g.png")), "--out", out(f)], 1,
+                                   r"No face found \(tried detection sizes 640/480/320/256 and a padded copy\)"),
+    "size not a multiple of 64": Case(lambda f: [*QUICK, "--width", "1000", "--height", "1000", "--out", out(f)], 2,
+                                      r"size 1000x1000: width and height must be multiples of 64"),
+    "width without height": Case(lambda f: [*QUICK, "--width", "512", "--out", out(f)], 2,
+                                 r"give both width and height, or neither"),
+    "side over 1280": Case(lambda f: [*QUICK, "--width", "2048", "--height", "1024", "--out", out(f)], 2,
+                           r"width 2048 is out of range: use 64 to 1280"),
+    "negative seed": Case(lambda f: [*QUICK, "--seed", "-1", "--out", out(f)], 2, r"seed -1 is out of range"),
+    "seed over 32 bits": Case(lambda f: [*QUICK, "--seed", str(2**40), "--out", out(f)], 2,
+                              r"seed 1099511627776 is out of range: use 0 to 4294967295"),
+    "unknown style": Case(lambda f: [*QUICK, "--style", "Cubism", "--out", out(f)], 2,
+                          r"style 'Cubism' is not one of: No style, Watercolor"),
+    "unknown scheduler": Case(lambda f: [*QUICK, "--scheduler", "Fast", "--out", out(f)], 2,
+                              r"scheduler 'Fast' is not one of: Euler, Euler a"),
+    "unknown combine mode": Case(lambda f: [*QUICK, "--combine", "sum", "--out", out(f)], 2,
+                                 r"combine 'sum' is not one of: average, norm_average, concat"),
+    "steps not a number": Case(lambda f: [*QUICK, "--steps", "abc", "--out", out(f)], 2,
+                               r"argument --steps: invalid int value: 'abc'"),
+    "unknown option": Case(lambda f: [*QUICK, "--colour", "red", "--out", out(f)], 2, r"unrecognized arguments: --colour red"),
+    "infinite guidance": Case(lambda f: [*QUICK, "--guidance-scale", "inf", "--out", out(f)], 2,
+                              r"guidance_scale inf is not a number"),
+    "guidance 11": Case(lambda f: [*QUICK, "--guidance-scale", "11", "--out", out(f)], 2,
+                        r"guidance_scale 11.0 is out of range: use 0 to 10"),
+    "several problems at once": Case(lambda f: [*QUICK, "--steps", "0", "--seed", "-2", "--out", out(f)], 2,
+                                     r"these settings are not allowed:\n  - steps 0 is out of range"),
+    "no face given outside smoke mode": Case(lambda f: ["generate", "--weights-dir", str(f / "w"), "--out", out(f)], 2,
+                                             r"--face is required"),
+    "weights missing offline": Case(lambda f: ["generate", "--face", str(face_png(f / "a.png")), "--weights-dir",
+                                               str(f / "w"), "--out", out(f)], 1,
+                                    r"InstantID weights are missing and offline mode is on\. Download these files",
+                                    changes_files=True, env={"HF_HUB_OFFLINE": "1"}),
+    "adapter: pickle with code": Case(lambda f: ["inspect", str(evil_pickle(f / "ip-adapter.bin"))], 1,
+                                      r"ip-adapter\.bin: refused: besides tensors it holds a Python object \(posix\.system\)"),
+    "adapter: random bytes": Case(lambda f: ["inspect", str(_random_bytes(f / "ip-adapter.bin"))], 1,
+                                  r"ip-adapter\.bin: cannot be read .* Delete it and download it again"),
+    "adapter: missing file": Case(lambda f: ["inspect", str(f / "none.bin")], 1, r"none\.bin: no such file"),
+    "pose: folder without a checkpoint": Case(lambda f: ["inspect", str(f)], 1,
+                                              r"is a folder but no unzipped checkpoint was found in it",
+                                              main=pose_cli.main),
+    "pose: missing checkpoint": Case(lambda f: ["inspect", str(f / "L.tar")], 1,
+                                     r"Checkpoint not found: .*L\.tar\. Download ConvNeXtPose_", main=pose_cli.main),
+    "pose: random bytes": Case(lambda f: ["inspect", str(_random_bytes(f / "M.tar"))], 1,
+                               r"Could not read .*M\.tar as a PyTorch checkpoint .* download it again",
+                               main=pose_cli.main),
+    "pose: unknown variant": Case(lambda f: ["bench", "--smoke", "--variants", "XXL", "--out", str(f / "b")], 1,
+                                  r"Unknown ConvNeXtPose variant 'XXL'; choose one of XS, S, M, L", main=pose_cli.main),
+    "prompt in many scripts": Case(lambda f: [*QUICK, "--prompt", "портрет 肖像 🙂 " * 20, "--out", out(f)], 0,
+                                   r"saved .*out/x\.png", check=written("out/x.png"), changes_files=True),
+}
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def _tiny(path: Path) -> Path:
+    Image.new("RGB", (32, 32)).save(path)
+    return path
+
+
+def _huge(path: Path) -> Path:
+    Image.new("1", (9000, 9000)).save(path)
+    return path
+
+
+def _grey(path: Path) -> Path:
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(path)
+    return path
+
+
+def _random_bytes(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(1).bytes(4096))
+    return path
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_odd_input(name, tmp_path, capsys, monkeypatch):
+    case = CASES[name]
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    folder = tmp_path / "work"
+    folder.mkdir()
+    argv = case.argv(folder)
+    if case.main is cli.main and argv[0] == "--smoke":
+        argv = ["generate", *argv]
+    before = snapshot(folder)
+    try:
+        code = case.main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = exit_.code
+    printed = capsys.readouterr()
+    stream = printed.out if case.code == 0 else printed.err
+    assert code == case.code, printed.err[-2000:]
+    assert re.search(case.message, stream, re.S), stream[-2000:]
+    if case.code != 0:
+        assert "Traceback" not in printed.err
+    if not case.changes_files:
+        assert snapshot(folder) == before
+    if case.check is not None:
+        case.check(folder)
+
+
+def test_corpus_size():
+    assert len(CASES) >= 47  # the issue's 17 + 30 of our own
+
+
+def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "generate", interrupted)
+    assert cli.main(["generate", *QUICK, "--out", str(tmp_path / "x.png")]) == 130
+    assert "stopped (Ctrl-C): nothing was saved" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_our_bugs_say_so_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(pipeline, "load_pipeline", broken)
+    argv = ["generate", *QUICK, "--out", str(tmp_path / "x.png")]
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError: division by zero" in err and "--debug" in err
+    assert "Traceback" not in err
+    assert cli.main([*argv, "--debug"]) == 3
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_evil_pickle_never_ran(tmp_path, capfd):
+    """The refused pickles above would print 'owned' had they been unpickled."""
+    pose_cli.main(["inspect", str(evil_pickle(tmp_path / "x.tar"))])
+    cli.main(["inspect", str(evil_pickle(tmp_path / "y.bin"))])
+    assert "owned" not in capfd.readouterr().out
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "x.tar", weights_only=True)
