@@ -81,7 +81,8 @@ def _generation_values(args: argparse.Namespace) -> dict:
     """`pipeline.generate`'s keyword arguments from the command line (checked by `settings.check`)."""
     values = {name: getattr(args, name) for name in (
         "style", "identitynet_strength", "adapter_strength", "steps", "guidance_scale", "scheduler", "width", "height",
-        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm")}
+        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm", "init_strength")}
+    values["init_image"] = args.init_image
     if args.smoke and args.width is None and args.height is None:
         from instantid_colab.smoke import SMOKE_SIZE
 
@@ -89,11 +90,21 @@ def _generation_values(args: argparse.Namespace) -> dict:
     return values
 
 
+def _controls(args: argparse.Namespace) -> list:
+    """--control / --control-map / --control-range, checked, with every picture opened once (fails fast)."""
+    from instantid_colab import controls
+
+    given = [controls.parse_control(text) for text in args.control or ()]
+    given += [controls.parse_control(text, is_map=True) for text in args.control_map or ()]
+    checked = controls.check_controls(controls.with_ranges(given, [controls.parse_range(t) for t in args.control_range or ()]))
+    return [controls.Control(c.kind, controls.source_image(c), c.strength, c.start, c.end, c.is_map) for c in checked]
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Check everything a person typed (settings, pictures, destination) before loading any model."""
     import random
 
-    from instantid_colab import memory, outputs, pipeline, settings
+    from instantid_colab import loras, memory, outputs, pipeline, settings
     from instantid_colab.images import open_image
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -109,13 +120,19 @@ def _generate(args: argparse.Namespace) -> int:
         face = open_image(args.face, "face photo")
     extra_faces = [open_image(path, "extra face photo") for path in args.extra_face or ()]
     pose = open_image(args.pose, "pose image") if args.pose else None
+    control_list = _controls(args)
+    lora_list = loras.check_loras([loras.parse_lora(text) for text in args.lora or ()])
+    values["init_image"] = open_image(args.init_image, "start photo") if args.init_image else None
     paths, renamed = outputs.plan_outputs(args.out, values["num_images"], args.overwrite)
 
     weights = _weights(args)
+    for lora in lora_list:  # a missing or undownloadable LoRA is reported before the models load
+        pipeline.lora_file(weights, lora.name)
     recorder = memory.StageRecorder() if args.memory else None
     session = pipeline.load_pipeline(weights, recorder=recorder)
     result = pipeline.generate(session, face, args.prompt, negative_prompt=args.negative_prompt, seed=seed,
-                               pose_image=pose, extra_face_images=extra_faces, **values)
+                               pose_image=pose, extra_face_images=extra_faces, controls=control_list, loras=lora_list,
+                               **values)
     for image, path in zip(result.images, paths):
         pipeline.save_png(image, path, overwrite=args.overwrite)
     if result.label:
@@ -127,6 +144,11 @@ def _generate(args: argparse.Namespace) -> int:
     if recorder is not None:
         print(recorder.render())
     print(f"seed {result.seed}  {result.seconds:.1f} s  plan {result.plan.placement}")
+    for control in result.settings["controls"]:
+        print(f"control {control['kind']} ({control['source']}, {control['model']}): strength {control['strength']}, "
+              f"steps {control['start']:.0%}-{control['end']:.0%}")
+    for lora in result.settings["loras"]:
+        print(f"LoRA {lora['name']} x {lora['scale']}")
     for index in result.best_first():
         print(f"  {result.likeness[index].render():<52} saved {paths[index]}")
     return 0
@@ -181,6 +203,19 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--enhance-non-face", action=argparse.BooleanOptionalAction, default=True)
     generate.add_argument("--negative-noise", type=float, default=0.0, help=limits("negative_noise", 0.0))
     generate.add_argument("--lcm", action="store_true", help="LCM-LoRA: use ~5-10 steps, guidance ~1.5")
+    generate.add_argument("--control", action="append", metavar="KIND=IMAGE[:STRENGTH]",
+                          help="body pose, canny edges or depth taken from a photo (pose|canny|depth; strength "
+                               f"{LIMITS['control_strength'].render()}, default 0.4; repeatable)")
+    generate.add_argument("--control-map", action="append", metavar="KIND=IMAGE[:STRENGTH]",
+                          help="an already drawn pose skeleton, edge map or depth map (repeatable)")
+    generate.add_argument("--control-range", action="append", metavar="KIND=START:END",
+                          help="the fraction of the steps a control acts in, e.g. pose=0:0.6 (default 0:1)")
+    generate.add_argument("--lora", action="append", metavar="ID_OR_FILE[:SCALE]",
+                          help="an SDXL LoRA: a .safetensors file or a hub id owner/name[/file.safetensors]; scale "
+                               f"{LIMITS['lora_scale'].render()}, default 1; repeatable; `smoke` with --smoke")
+    generate.add_argument("--init-image", help="start from this photo (img2img); the face still comes from --face")
+    generate.add_argument("--init-strength", type=float, default=0.8,
+                          help="how much of the start photo is repainted: " + limits("init_strength", 0.8))
     generate.add_argument("--memory", action="store_true", help="print the per-stage memory table")
     generate.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
 

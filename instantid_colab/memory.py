@@ -474,6 +474,71 @@ def plan_for_this_machine(width: int = 1024, height: int = 1024, batch: int = 1)
 
 
 # ---------------------------------------------------------------------------------------------
+# Extra ControlNets (pose / canny / depth) next to the loaded pipeline
+
+ANNOTATOR_RAM = {"pose": 0.4, "depth": 0.15, "canny": 0.0}  # fp32 on the CPU while annotating, freed after
+CONTROL_PLACES = ("gpu", "offload", "cpu")
+
+
+@dataclass(frozen=True)
+class ControlPlacement:
+    kind: str
+    variant: str  # "full" | "small" ...: which checkpoint of that kind
+    place: str  # "gpu": resident; "offload": kept in RAM, streamed to the GPU layer by layer; "cpu": no GPU
+    gib: float  # its fp16 weights
+
+    def render(self) -> str:
+        where = {"gpu": "on the GPU", "offload": "in RAM, streamed to the GPU each step (slower)", "cpu": "on the CPU"}
+        return f"{self.kind} ControlNet ({self.variant}, {self.gib:.2f} GiB) {where[self.place]}"
+
+
+def plan_controls(plan: MemoryPlan, options: dict[str, list[tuple[str, float]]], vram_available_gib: float | None,
+                  ram_available_gib: float, width: int = 1024, height: int = 1024, batch: int = 1,
+                  ) -> tuple[ControlPlacement, ...]:
+    """Variant and place of each extra ControlNet, in the order given; pure, so it is tested anywhere.
+
+    `options[kind]` lists (variant, fp16 GiB) heaviest first. `vram_available_gib` is what the GPU has
+    left beside the loaded pipeline (None: no GPU). The activations of a generation stay reserved.
+    Heaviest variant resident on the GPU first; then the lightest variant resident; then the lightest
+    streamed from RAM. Raises MemoryError naming the control when RAM cannot hold it either.
+    """
+    headroom = _activations(width, height, batch, plan.vae_tiling, batch > 1) + GPU_RUNTIME + VRAM_MARGIN
+    vram_left = None if vram_available_gib is None or plan.placement != "gpu" else vram_available_gib - headroom
+    ram_left = ram_available_gib - RAM_MARGIN - max((ANNOTATOR_RAM.get(kind, 0.0) for kind in options), default=0.0)
+    placements = []
+    for kind, variants in options.items():
+        lightest = variants[-1]
+        if vram_available_gib is None:
+            placements.append(ControlPlacement(kind, variants[0][0], "cpu", variants[0][1]))
+            continue
+        resident = next(((name, gib) for name, gib in variants if vram_left is not None and gib <= vram_left), None)
+        if resident is not None:
+            vram_left -= resident[1]
+            placements.append(ControlPlacement(kind, resident[0], "gpu", resident[1]))
+        elif lightest[1] <= ram_left:
+            ram_left -= lightest[1]
+            placements.append(ControlPlacement(kind, lightest[0], "offload", lightest[1]))
+        else:
+            raise MemoryError(
+                f"Not enough memory for the {kind} ControlNet: its lightest variant needs {lightest[1]:.2f} GiB, and "
+                f"neither the GPU ({max(vram_left or 0.0, 0.0):.1f} GiB left beside the loaded models) nor RAM "
+                f"({max(ram_left, 0.0):.1f} GiB left) has it. Use fewer controls, or a smaller output size.")
+    return tuple(placements)
+
+
+def vram_available_gib(index: int = 0) -> float | None:
+    """What this process can still allocate on GPU `index`: free memory plus torch's cached-but-unused
+    blocks, within a `set_per_process_memory_fraction` cap. None without a GPU."""
+    cuda = _cuda()
+    if cuda is None:
+        return None
+    free, total = cuda.mem_get_info(index)
+    reserved, allocated = cuda.memory_reserved(index), cuda.memory_allocated(index)
+    fraction = cuda.get_per_process_memory_fraction(index) if hasattr(cuda, "get_per_process_memory_fraction") else 1.0
+    return (min(free, fraction * total - reserved) + reserved - allocated) / GIB
+
+
+# ---------------------------------------------------------------------------------------------
 # Applying a plan to a loaded diffusers pipeline
 
 

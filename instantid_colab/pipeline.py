@@ -13,9 +13,7 @@ What InstantID adds to a plain SDXL + ControlNet pipeline, and where it lives he
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,19 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from instantid_colab import faces, memory, styles
+from instantid_colab.components import load as load_component
 from instantid_colab.images import open_image
 from instantid_colab.settings import MULTIPLE, check as check_settings
 from instantid_colab.identity import FaceRegion, IdentityNet, _execution_device, face_region, face_tokens, use_face_region_processors
-from instantid_colab.weights import WeightPaths, ensure_lcm_lora
+from instantid_colab.controls import (
+    ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Annotations, Control, ControlNets, MultiControlNetModel,
+    check_controls, control_map, image_digest, source_image,
+)
+from instantid_colab.controls import describe as describe_control
+from instantid_colab.loras import LCM_ADAPTER, SMOKE_LORA, Lora, LoraState, check_loras
+from instantid_colab.weights import (
+    WeightPaths, ensure_annotator, ensure_controlnet, ensure_lcm_lora, ensure_lora, root_of,
+)
 
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
 OFFICIAL_LONG_SIDE, OFFICIAL_SHORT_SIDE = 1280, 1024  # the official resize_img rule
@@ -54,7 +61,8 @@ _OOM_ERRORS = tuple({e for e in (getattr(torch, "OutOfMemoryError", None),
 
 @dataclass
 class InstantIDSession:
-    """A loaded pipeline plus what each call needs: face analyzer, memory plan, weights, LCM state."""
+    """A loaded pipeline plus what each call needs: face analyzer, memory plan, weights, and what a call
+    loads on demand and keeps for the next (LoRAs, extra ControlNets, annotations, the img2img view)."""
 
     pipe: Any
     faces: Any
@@ -62,15 +70,37 @@ class InstantIDSession:
     weights: WeightPaths
     smoke: bool
     scheduler_config: dict
-    lcm_loaded: bool = False
-    lcm_loads: int = 0
     load_seconds: float = 0.0
+    loras: LoraState = field(default_factory=LoraState)
+    controlnets: ControlNets = field(default_factory=ControlNets)
+    annotations: Annotations = field(default_factory=Annotations)
+    _img2img: Any = None
 
     @property
     def label(self) -> str | None:
         from instantid_colab.smoke import SMOKE_LABEL
 
         return SMOKE_LABEL if self.smoke else None
+
+    @property
+    def lcm_loaded(self) -> bool:
+        return LCM_ADAPTER in self.loras.files
+
+    def img2img(self):
+        """The same components as an SDXL ControlNet img2img pipeline (built once, shares every module)."""
+        if self._img2img is None:
+            from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+            self._img2img = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(self.pipe, controlnet=self.pipe.controlnet)
+            self._img2img.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        return self._img2img
+
+    def annotator_folder(self, kind: str) -> Path:
+        return ensure_annotator(self.weights, ANNOTATOR_REPOS[kind], ANNOTATOR_FILES)
+
+    def controlnet_folder(self, kind: str, variant: str) -> Path:
+        model = CONTROL_MODELS[kind][variant]
+        return ensure_controlnet(self.weights, model.repo, model.download)
 
 
 @dataclass
@@ -84,6 +114,7 @@ class GenerationResult:
     notices: list[str] = field(default_factory=list)
     label: str | None = None
     likeness: list = field(default_factory=list)  # faces.Likeness per image, in image order
+    control_maps: list = field(default_factory=list)  # what each extra ControlNet saw, in `settings["controls"]` order
 
     def best_first(self) -> list[int]:
         """Image indices by likeness, highest first; images without a face last, in their order."""
@@ -99,20 +130,6 @@ class GenerationResult:
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def _dtype_keyword(from_pretrained: Callable) -> str:
-    """`dtype=` on stacks that know it (diffusers >= 0.40, transformers >= 4.56), else `torch_dtype=`."""
-    source = inspect.getsource(inspect.unwrap(from_pretrained))
-    return "dtype" if re.search(r"pop\(\s*[\"']dtype[\"']", source) else "torch_dtype"
-
-
-def _load(cls, path: str | Path, device: str, dtype: torch.dtype, **kwargs):
-    """One component straight onto `device` in `dtype`: safetensors, no full CPU/fp32 staging copy."""
-    options = {_dtype_keyword(cls.from_pretrained): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
-    if device != "cpu":
-        options["device_map"] = {"": torch.device(device)}
-    return cls.from_pretrained(path, **options, **kwargs)
 
 
 def _stage(recorder, name: str):
@@ -143,19 +160,19 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
     with _stage(recorder, "load text encoders"):
-        text_encoder = _load(CLIPTextModel, base, text_device, text_dtype, subfolder="text_encoder")
-        text_encoder_2 = _load(CLIPTextModelWithProjection, base, text_device, text_dtype, subfolder="text_encoder_2")
+        text_encoder = load_component(CLIPTextModel, base, text_device, text_dtype, subfolder="text_encoder")
+        text_encoder_2 = load_component(CLIPTextModelWithProjection, base, text_device, text_dtype, subfolder="text_encoder_2")
     with _stage(recorder, "load vae"):
         if weights.vae is not None:
-            vae = _load(AutoencoderKL, weights.vae, load_device, dtype)
+            vae = load_component(AutoencoderKL, weights.vae, load_device, dtype)
         else:
-            vae = _load(AutoencoderKL, base, load_device, dtype, subfolder="vae")
+            vae = load_component(AutoencoderKL, base, load_device, dtype, subfolder="vae")
             if vae.config.force_upcast and dtype == torch.float16:  # the stock SDXL VAE overflows in fp16
                 vae.to(torch.float32)
     with _stage(recorder, "load unet"):
-        unet = _load(UNet2DConditionModel, base, load_device, dtype, subfolder="unet")
+        unet = load_component(UNet2DConditionModel, base, load_device, dtype, subfolder="unet")
     with _stage(recorder, "load identitynet"):
-        identitynet = _load(IdentityNet, weights.controlnet, load_device, dtype)
+        identitynet = load_component(IdentityNet, weights.controlnet, load_device, dtype)
     scheduler_config = _scheduler_config(base)
     pipe = StableDiffusionXLControlNetPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
@@ -273,15 +290,38 @@ def _oom_retry_plan(session: InstantIDSession, error: BaseException) -> str:
     return notice
 
 
-def _set_lcm(session: InstantIDSession, enabled: bool) -> None:
-    """LCM-LoRA: loaded the first time it is switched on, then enabled/disabled (never reloaded)."""
-    pipe = session.pipe
-    if enabled and not session.lcm_loaded:
-        path = Path(session.weights.lcm_lora) if session.weights.lcm_lora else ensure_lcm_lora(session.weights)
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="lcm")
-        session.lcm_loaded, session.lcm_loads = True, session.lcm_loads + 1
-    if session.lcm_loaded:
-        (pipe.enable_lora if enabled else pipe.disable_lora)()
+def lora_file(weights: WeightPaths, name: str) -> Path:
+    """A requested LoRA as a file on disk (`smoke` is the smoke weights' tiny LoRA); MissingWeightsError otherwise."""
+    if name == SMOKE_LORA and weights.smoke:
+        return root_of(weights) / "loras" / SMOKE_LORA / "pytorch_lora_weights.safetensors"
+    return ensure_lora(weights, name)
+
+
+def _extra_controlnets(session: InstantIDSession, kinds: list[str], width: int, height: int, num: int):
+    """Place (memory plan) and load the extra ControlNets; returns (placements, models)."""
+    import psutil
+
+    from instantid_colab import controls
+
+    available = memory.vram_available_gib()
+    if available is not None:
+        available += session.controlnets.gib_on_gpu()  # what the nets already loaded would give back
+    placements = memory.plan_controls(session.plan, controls.options(kinds), available,
+                                      psutil.virtual_memory().available / memory.GIB, width, height, num)
+    models = session.controlnets.prepare(placements, session.controlnet_folder, str(_execution_device(session.pipe)),
+                                         session.pipe.unet.dtype)
+    return placements, models
+
+
+@contextlib.contextmanager
+def _using_controlnet(pipe, controlnet):
+    """`controlnet` (the IdentityNet, or it and the extra nets) as the pipeline's for one call."""
+    own = pipe.controlnet
+    pipe.register_modules(controlnet=controlnet)
+    try:
+        yield
+    finally:
+        pipe.register_modules(controlnet=own)
 
 
 def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
@@ -344,30 +384,36 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
              steps: int = 30, guidance_scale: float = 5.0, seed: int = 42, scheduler: str = "Euler",
              width: int | None = None, height: int | None = None, num_images: int = 1, pose_image=None,
              enhance_non_face: bool = True, negative_noise: float = 0.0, combine: str = "average",
-             lcm: bool = False, extra_face_images: Sequence = (), callback: Callable[[int, int], None] | None = None,
+             lcm: bool = False, extra_face_images: Sequence = (), controls: Sequence[Control] = (),
+             loras: Sequence[Lora] = (), init_image=None, init_strength: float = 0.8,
+             callback: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate `num_images` images of the person in `face_image`.
 
+    `controls`: extra ControlNets (pose/canny/depth, a photo to annotate or a ready map, each with a
+    strength and a start/end fraction of the steps). `loras`: style LoRAs with scales. `init_image`:
+    start from this photo (img2img); `init_strength` is how much of it is repainted (1: all).
     Every setting is checked first (`settings.check`: SettingsError names the value and its range).
     Raises images.ImageInputError for a picture that cannot be used, faces.NoFaceError when no face is
-    found, GenerationStopped when `should_stop()` turns true between steps. Out of memory once ->
-    lighter plan and one retry (said in `notices`). The images carry their settings, seed and likeness
-    as PNG text (`save_png`).
+    found, loras.LoraError for a LoRA that does not fit, GenerationStopped when `should_stop()` turns
+    true between steps. Out of memory once -> lighter plan and one retry (said in `notices`). The
+    images carry their settings, seed and likeness as PNG text (`save_png`).
     """
     started = time.perf_counter()
     checked = check_settings({
         "style": style, "identitynet_strength": identitynet_strength, "adapter_strength": adapter_strength,
         "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "scheduler": scheduler, "width": width,
         "height": height, "num_images": num_images, "enhance_non_face": enhance_non_face,
-        "negative_noise": negative_noise, "combine": combine, "lcm": lcm,
+        "negative_noise": negative_noise, "combine": combine, "lcm": lcm, "init_image": init_image,
+        "init_strength": init_strength,
     })
-    steps, seed, num_images, guidance_scale = checked["steps"], checked["seed"], checked["num_images"], checked["guidance_scale"]
-    identitynet_strength, adapter_strength = checked["identitynet_strength"], checked["adapter_strength"]
-    negative_noise = checked["negative_noise"]
+    controls, loras = check_controls(controls), check_loras(loras)
     prompt = (prompt or "").strip() or DEFAULT_PROMPT
     styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
     face_images = [open_image(image, "face photo") for image in (face_image, *extra_face_images)]
     layout_image = open_image(pose_image, "pose image") if pose_image is not None else face_images[0]
+    init = open_image(init_image, "start photo") if init_image is not None else None
+    sources = [source_image(control) for control in controls]
     embedding, face = session.faces.embed(face_images, combine)
     layout_face = session.faces.detect(layout_image) if pose_image is not None else face
     if width is None:
@@ -377,29 +423,35 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
     kps_image = faces.draw_kps((width, height), kps)
     bbox = _scaled(np.asarray(layout_face.bbox).reshape(2, 2), layout_image.size, (width, height)).reshape(-1)
     mask = face_box_mask(bbox, (width, height)) if enhance_non_face else None
+    maps = [control_map(control, source, (width, height), session.annotations, session.annotator_folder)
+            for control, source in zip(controls, sources)]
 
     settings = {
         "prompt": styled_prompt, "negative_prompt": styled_negative, "user_prompt": prompt, "style": style,
-        "seed": seed, "steps": steps, "guidance_scale": guidance_scale, "scheduler": "LCM" if lcm else scheduler,
-        "width": width, "height": height, "num_images": num_images,
-        "identitynet_strength": identitynet_strength, "adapter_strength": adapter_strength,
-        "enhance_non_face": enhance_non_face, "negative_noise": negative_noise, "combine": combine,
+        "seed": checked["seed"], "steps": checked["steps"], "guidance_scale": checked["guidance_scale"],
+        "scheduler": "LCM" if lcm else scheduler, "width": width, "height": height, "num_images": checked["num_images"],
+        "identitynet_strength": checked["identitynet_strength"], "adapter_strength": checked["adapter_strength"],
+        "enhance_non_face": enhance_non_face, "negative_noise": checked["negative_noise"], "combine": combine,
         "reference_faces": len(face_images), "pose_image": pose_image is not None, "lcm": lcm,
+        "controls": [describe_control(control, source) for control, source in zip(controls, sources)],
+        "loras": [{"name": lora.name, "scale": lora.scale} for lora in loras],
+        "init_image": None if init is None else {"strength": checked["init_strength"], "image_sha256": image_digest(init)},
     }
     label = session.label
     if label:
         settings["label"] = label
     notices: list[str] = []
     call = dict(prompt=styled_prompt, negative_prompt=styled_negative, embedding=embedding, kps_image=kps_image,
-                mask=mask, settings=settings, callback=callback, should_stop=should_stop)
+                mask=mask, controls=controls, maps=maps, loras=loras, init=init, settings=settings, callback=callback,
+                should_stop=should_stop)
     try:
         images = _denoise_and_decode(session, notices, **call)
     except _OOM_ERRORS as error:
         notices.append(_oom_retry_plan(session, error))
         images = _denoise_and_decode(session, notices, **call)
 
-    result = GenerationResult(images=images, seed=seed, settings=settings, kps_image=kps_image, seconds=0.0,
-                              plan=session.plan, notices=notices, label=label,
+    result = GenerationResult(images=images, seed=checked["seed"], settings=settings, kps_image=kps_image, seconds=0.0,
+                              plan=session.plan, notices=notices, label=label, control_maps=maps,
                               likeness=[session.faces.likeness(embedding, image) for image in images])
     for index, image in enumerate(images):
         metadata = result.image_metadata(index)
@@ -410,11 +462,18 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
-                        embedding, kps_image, mask, settings: dict, callback, should_stop) -> list[Image.Image]:
+                        embedding, kps_image, mask, controls: list[Control], maps: list, loras: list[Lora], init,
+                        settings: dict, callback, should_stop) -> list[Image.Image]:
     pipe = session.pipe
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
-    lcm = settings["lcm"]
-    _set_lcm(session, lcm)
+    num, lcm = settings["num_images"], settings["lcm"]
+    lcm_file = (Path(session.weights.lcm_lora) if session.weights.lcm_lora else ensure_lcm_lora(session.weights)) if lcm else None
+    session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], lcm_file)
+    placements, nets = _extra_controlnets(session, [control.kind for control in controls], width, height, num)
+    for control, placement in zip(settings["controls"], placements):
+        control["model"] = CONTROL_MODELS[placement.kind][placement.variant].repo
+        if placement.place == "offload":
+            notices.append(f"The {placement.render()}: the GPU had no room for it.")
     pipe.scheduler = _make_scheduler("LCM" if lcm else settings["scheduler"], session.scheduler_config)
     pipe.set_ip_adapter_scale(settings["adapter_strength"])
 
@@ -425,30 +484,42 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         negative = settings["negative_noise"] * torch.randn(embeds.shape, generator=generator)
     do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
     ip_embeds = torch.cat([negative, embeds]) if do_cfg else embeds
-    num = settings["num_images"]
     per_image = torch.cat([ip_embeds[i:i + 1].repeat(num, 1, 1, 1) for i in range(ip_embeds.shape[0])])
     tokens = face_tokens(pipe, per_image)
-
     region = None if mask is None else FaceRegion(torch.from_numpy(mask).to(_execution_device(pipe)))
+    total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
     def on_step_end(_pipe, step, _timestep, tensors):
         if callback is not None:
-            callback(step + 1, steps)
+            callback(step + 1, total)
         if should_stop is not None and should_stop():
-            raise GenerationStopped(f"stopped after step {step + 1} of {steps}")
+            raise GenerationStopped(f"stopped after step {step + 1} of {total}")
         return tensors
 
-    text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     identitynet = pipe.controlnet
-    with identitynet.conditioned(tokens, region), face_region(pipe.unet, region), _text_encoders_detached(pipe):
-        latents = pipe(
-            **text, image=kps_image, width=width, height=height,
-            num_inference_steps=steps, guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
-            controlnet_conditioning_scale=settings["identitynet_strength"],
+    controlnet, images = identitynet, kps_image
+    arguments = dict(controlnet_conditioning_scale=settings["identitynet_strength"])
+    if nets:  # the official multi-ControlNet order: the IdentityNet first, then pose / canny / depth
+        controlnet, images = MultiControlNetModel([identitynet, *nets]), [kps_image, *maps]
+        arguments = dict(controlnet_conditioning_scale=[settings["identitynet_strength"], *(c.strength for c in controls)],
+                         control_guidance_start=[0.0, *(c.start for c in controls)],
+                         control_guidance_end=[1.0, *(c.end for c in controls)])
+    caller = pipe
+    if init is None:
+        arguments["image"] = images
+    else:
+        caller = session.img2img()
+        arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=images,
+                         strength=settings["init_image"]["strength"])
+    text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
+    with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
+            face_region(pipe.unet, region), _text_encoders_detached(caller):
+        latents = caller(
+            **text, **arguments, width=width, height=height, num_inference_steps=steps,
+            guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
             ip_adapter_image_embeds=[ip_embeds.to(pipe.unet.dtype)], generator=generator, output_type="latent",
             callback_on_step_end=on_step_end,
         ).images
     decoded = decode(pipe, latents, notices)
     pipe.maybe_free_model_hooks()
     return pipe.image_processor.postprocess(decoded, output_type="pil")
-

@@ -209,8 +209,7 @@ def ensure_weights(root: str | Path | None = None, *, base: str = DEFAULT_BASE, 
     the hub cannot be reached (offline=True, HF_HUB_OFFLINE=1, or network errors).
     """
     root = Path(root).expanduser() if root is not None else default_root(drive)
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = _offline(offline)
     face_root = root / "faces"
     flatten_antelopev2(face_root / ANTELOPEV2_DIR)
     face_sources = [Source(repo, tuple(f"{ANTELOPEV2_DIR}/{f}" for f in ANTELOPEV2_FILES), face_root, repo_type)
@@ -244,9 +243,29 @@ def ensure_weights(root: str | Path | None = None, *, base: str = DEFAULT_BASE, 
         adapter=instantid.local_dir / "ip-adapter.bin",
         face_root=face_root,
         vae=str(all_sources[2].local_dir) if fp16_vae else None,
-        lcm_lora=_lcm_source(root).local_dir / "pytorch_lora_weights.safetensors"
-        if not _missing(_lcm_source(root)) else None,
+        lcm_lora=_lcm_source(root).local_dir / _lcm_source(root).files[0] if not _missing(_lcm_source(root)) else None,
     )
+
+
+def root_of(weights: WeightPaths) -> Path:
+    """The weights folder a WeightPaths came from (InstantID/ControlNetModel sits two levels below it)."""
+    return Path(weights.controlnet).parent.parent
+
+
+def _offline(offline: bool | None) -> bool:
+    return offline if offline is not None else os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _ensure(source: Source, what: str, downloader: Downloader, progress: bool, offline: bool | None) -> None:
+    """Every file of `source` on disk (downloaded when missing), or MissingWeightsError saying where to put it."""
+    source, missing, error = _fetch([source], downloader, progress, _offline(offline))
+    if missing:
+        places = "\n".join(f"  {source.url(file)}\n    -> {source.local_dir / file}" for file in missing)
+        raise MissingWeightsError(
+            f"{what} is missing and could not be downloaded{f' ({error})' if error else ''}. Download these files and "
+            f"put each at the path shown:\n{places}")
+    for file in source.files:
+        check_file(source.local_dir / file, file)
 
 
 def _lcm_source(root: Path) -> Source:
@@ -258,15 +277,78 @@ def ensure_lcm_lora(weights: WeightPaths, *, downloader: Downloader = hub_downlo
     """The LCM-LoRA file (downloaded on first use; it is only needed when LCM is switched on)."""
     if weights.lcm_lora is not None and Path(weights.lcm_lora).is_file():
         return Path(weights.lcm_lora)
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    root = Path(weights.controlnet).parent.parent
-    source, missing, error = _fetch([_lcm_source(root)], downloader, progress, offline)
-    if missing:
-        file = missing[0]
-        raise MissingWeightsError(
-            f"The LCM-LoRA is missing and could not be downloaded{f' ({error})' if error else ''}. "
-            f"Download {source.url(file)} and put it at {source.local_dir / file}, or switch LCM off.")
-    path = source.local_dir / source.files[0]
-    check_file(path, source.files[0])
-    return path
+    source = _lcm_source(root_of(weights))
+    _ensure(source, "The LCM-LoRA (switch LCM off to go without it)", downloader, progress, offline)
+    return source.local_dir / source.files[0]
+
+
+CONTROLNET_FILE = "diffusion_pytorch_model.fp16.safetensors"  # what ControlNetModel loads with variant="fp16"
+
+
+def ensure_controlnet(weights: WeightPaths, repo: str, download: str, *, downloader: Downloader = hub_downloader,
+                      progress: bool = True, offline: bool | None = None) -> Path:
+    """Folder of an extra ControlNet holding config.json and its fp16 safetensors, fetched once.
+
+    A repo that publishes only a pickled fp32 `.bin` (thibaud's openpose: 5 GB) is converted once to
+    fp16 safetensors (2.5 GB, memory-mapped loads) and the `.bin` deleted, on Drive too.
+    """
+    folder = root_of(weights) / "controlnets" / repo.replace("/", "--")
+    if (folder / "config.json").is_file() and (folder / CONTROLNET_FILE).is_file():
+        return folder
+    _ensure(Source(repo, ("config.json", download), folder), f"The ControlNet {repo}", downloader, progress, offline)
+    if download != CONTROLNET_FILE:
+        _pickle_to_fp16_safetensors(folder / download, folder / CONTROLNET_FILE)
+    return folder
+
+
+def _pickle_to_fp16_safetensors(source: Path, target: Path) -> None:
+    """Pickled state dict (loaded weights_only, memory-mapped) -> fp16 safetensors, written then renamed."""
+    import zipfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(source, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(source))
+    partial = target.with_suffix(".partial")
+    save_file({key: value.to(torch.float16).contiguous() for key, value in state.items()}, str(partial))
+    partial.replace(target)
+    source.unlink()
+
+
+def ensure_annotator(weights: WeightPaths, repo: str, files: tuple[str, ...], *, downloader: Downloader = hub_downloader,
+                     progress: bool = True, offline: bool | None = None) -> Path:
+    """Folder of a transformers annotator model (pose or depth), fetched once."""
+    folder = root_of(weights) / "annotators" / repo.replace("/", "--")
+    _ensure(Source(repo, files, folder), f"The annotator {repo}", downloader, progress, offline)
+    return folder
+
+
+def ensure_lora(weights: WeightPaths, name: str, *, downloader: Downloader = hub_downloader, progress: bool = True,
+                offline: bool | None = None) -> Path:
+    """A LoRA file: a local .safetensors, or a hub repo `owner/name` (its one .safetensors) or `owner/name/file`."""
+    local = Path(name).expanduser()
+    if local.suffix == ".safetensors" or local.exists():
+        if not local.is_file():
+            raise MissingWeightsError(f"LoRA {name}: no such file. Give a .safetensors file or a hub id owner/name.")
+        return local
+    parts = name.strip("/").split("/")
+    if len(parts) < 2:
+        raise MissingWeightsError(f"LoRA {name!r} is neither a .safetensors file nor a hub id owner/name.")
+    repo, file = "/".join(parts[:2]), "/".join(parts[2:])
+    folder = root_of(weights) / "loras" / repo.replace("/", "--")
+    if not file:
+        found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if not found and not _offline(offline):
+            try:
+                downloader(Source(repo, ("*.safetensors",), folder), progress)
+            except Exception as error:  # noqa: BLE001 - reported below with what to do
+                raise MissingWeightsError(f"LoRA {repo} could not be downloaded ({type(error).__name__}: {error}). "
+                                          f"Put its .safetensors file in {folder}, or give a local file.") from None
+            found = sorted(folder.glob("*.safetensors"))
+        if len(found) != 1:
+            listed = ", ".join(path.name for path in found) or "none on disk"
+            raise MissingWeightsError(f"LoRA {repo}: expected one .safetensors file ({listed}); name it as "
+                                      f"{repo}/FILE.safetensors, or put the file in {folder}.")
+        return found[0]
+    _ensure(Source(repo, (file,), folder), f"The LoRA {name}", downloader, progress, offline)
+    return folder / file

@@ -22,3 +22,24 @@ def test_smoke_generate_prints_the_likeness_of_each_image_and_writes_it_into_the
     assert (stored["identity_similarity"], stored["identity_similarity_note"]) == (
         None, "no face found in the generated image")
     assert stored["seed"] == 5 and stored["image_index"] == 1
+
+
+def test_controls_lora_and_start_photo_from_the_command_line_land_in_the_png(tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    smoke.sample_face_image().save(photo)
+    out = tmp_path / "x.png"
+    code = cli.main(["generate", "--smoke", "--steps", "3", "--seed", "8", "--control", f"pose={photo}",
+                     "--control", f"canny={photo}:0.5", "--control", f"depth={photo}", "--control-range", "depth=0.2:0.9",
+                     "--lora", "smoke:0.7", "--init-image", str(photo), "--init-strength", "0.6", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    stored = json.loads(Image.open(out).text["instantid"])
+    assert [(c["kind"], c["strength"], c["start"], c["end"], c["source"]) for c in stored["controls"]] == [
+        ("pose", 0.4, 0.0, 1.0, "photo"), ("canny", 0.5, 0.0, 1.0, "photo"), ("depth", 0.4, 0.2, 0.9, "photo")]
+    assert [c["model"] for c in stored["controls"]] == ["thibaud/controlnet-openpose-sdxl-1.0",
+                                                        "diffusers/controlnet-canny-sdxl-1.0",
+                                                        "diffusers/controlnet-depth-sdxl-1.0-small"]
+    assert stored["loras"] == [{"name": "smoke", "scale": 0.7}]
+    assert stored["init_image"]["strength"] == 0.6
+    assert "control depth (photo, diffusers/controlnet-depth-sdxl-1.0-small): strength 0.4, steps 20%-90%" in printed
+    assert "LoRA smoke x 0.7" in printed

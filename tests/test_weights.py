@@ -109,3 +109,46 @@ def test_nested_antelopev2_folder_is_flattened(tmp_path, monkeypatch):
 def test_unknown_base_is_refused_with_the_known_list(tmp_path):
     with pytest.raises(ValueError, match="stabilityai/stable-diffusion-xl-base-1.0"):
         ensure_weights(tmp_path, base="someone/sd15", downloader=_writer())
+
+
+def _paths(root: Path) -> weights.WeightPaths:
+    return weights.WeightPaths(base=str(root / "base"), controlnet=root / "InstantID" / "ControlNetModel",
+                               adapter=root / "InstantID" / "ip-adapter.bin", face_root=root / "faces", vae=None)
+
+
+def test_a_pickled_fp32_controlnet_is_converted_once_to_fp16_safetensors(tmp_path):
+    """thibaud's openpose ControlNet ships only a 5 GB fp32 .bin: it is converted and the .bin deleted."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    state = {"conv_in.weight": torch.randn(4, 4, 3, 3), "time_embedding.linear_1.bias": torch.randn(8)}
+
+    def hub(source, progress):
+        hub.calls.append(source.files)
+        source.local_dir.mkdir(parents=True, exist_ok=True)
+        (source.local_dir / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+        torch.save(state, source.local_dir / "diffusion_pytorch_model.bin")
+
+    hub.calls = []
+    folder = weights.ensure_controlnet(_paths(tmp_path), "thibaud/controlnet-openpose-sdxl-1.0",
+                                       "diffusion_pytorch_model.bin", downloader=hub, progress=False)
+    assert folder == tmp_path / "controlnets" / "thibaud--controlnet-openpose-sdxl-1.0"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", weights.CONTROLNET_FILE]
+    converted = load_file(str(folder / weights.CONTROLNET_FILE))
+    assert all(value.dtype == torch.float16 for value in converted.values())
+    assert torch.equal(converted["conv_in.weight"], state["conv_in.weight"].half())
+    weights.ensure_controlnet(_paths(tmp_path), "thibaud/controlnet-openpose-sdxl-1.0", "diffusion_pytorch_model.bin",
+                              downloader=hub, progress=False)
+    assert hub.calls == [("config.json", "diffusion_pytorch_model.bin")]  # the second call found it on disk
+
+
+def test_missing_controlnet_and_annotator_say_where_to_put_them(tmp_path):
+    with pytest.raises(MissingWeightsError, match=r"The ControlNet diffusers/controlnet-canny-sdxl-1.0-small is missing"
+                                                  r"(.|\n)*controlnets/diffusers--controlnet-canny-sdxl-1.0-small/config.json"):
+        weights.ensure_controlnet(_paths(tmp_path), "diffusers/controlnet-canny-sdxl-1.0-small",
+                                  weights.CONTROLNET_FILE, offline=True)
+    with pytest.raises(MissingWeightsError, match=r"The annotator depth-anything/Depth-Anything-V2-Small-hf is missing"):
+        weights.ensure_annotator(_paths(tmp_path), "depth-anything/Depth-Anything-V2-Small-hf", ("config.json",),
+                                 offline=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 SMOKE_LABEL = "smoke: random weights"
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 1  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 2  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -41,8 +41,8 @@ def write_adapter(path: Path, unet, config, dtype=None, seed: int = 3) -> None:
     torch.save(state, path)
 
 
-def write_lcm_lora(folder: Path, sizes, seed: int = 4) -> Path:
-    """A LoRA on the UNet's attention projections in diffusers' format (what lcm-lora-sdxl is)."""
+def write_tiny_lora(folder: Path, sizes, seed: int = 4) -> Path:
+    """A LoRA on the UNet's attention projections in diffusers' format (what lcm-lora-sdxl and most style LoRAs are)."""
     import torch
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
@@ -56,6 +56,20 @@ def write_lcm_lora(folder: Path, sizes, seed: int = 4) -> Path:
     torch.manual_seed(seed)
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder / "pytorch_lora_weights.safetensors"
+
+
+def write_smoke_controls(root: Path, unet) -> None:
+    """Tiny pose/canny/depth ControlNets and annotators where `weights.ensure_controlnet/ensure_annotator` look."""
+    from instantid_colab.controls import ANNOTATOR_REPOS, CONTROL_MODELS
+    from instantid_colab.smoke.annotators import write_tiny_depth_anything, write_tiny_vitpose
+    from instantid_colab.smoke.diffusion import build_identitynet
+
+    for index, (kind, variants) in enumerate(CONTROL_MODELS.items()):
+        for variant, model in variants.items():
+            build_identitynet(unet, seed=20 + index).save_pretrained(
+                root / "controlnets" / model.repo.replace("/", "--"), variant="fp16")
+    write_tiny_vitpose(root / "annotators" / ANNOTATOR_REPOS["pose"].replace("/", "--"))
+    write_tiny_depth_anything(root / "annotators" / ANNOTATOR_REPOS["depth"].replace("/", "--"))
 
 
 def build_smoke_weights(root: str | Path | None = None):
@@ -82,7 +96,9 @@ def build_smoke_weights(root: str | Path | None = None):
     unet = write_base(Path(paths.base), TINY)
     write_identitynet(paths.controlnet, unet)
     write_adapter(paths.adapter, unet, tiny_resampler_config())
-    write_lcm_lora(paths.lcm_lora.parent, TINY)
+    write_tiny_lora(paths.lcm_lora.parent, TINY)
+    write_tiny_lora(root / "loras" / "smoke", TINY, seed=7)
+    write_smoke_controls(root, unet)
     face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
     assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
     marker.write_text(json.dumps({"version": _VERSION, "label": SMOKE_LABEL}))

@@ -1,0 +1,32 @@
+"""Load one diffusers or transformers model straight onto its device, in its dtype, from safetensors.
+
+One place for the keyword spelling that changed across the versions Colab has shipped: transformers
+>= 4.56 takes `dtype=` (and deprecates `torch_dtype=`), diffusers takes `torch_dtype=` on every version
+we support (it also reads `dtype=` from 0.35 on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+
+TRANSFORMERS_DTYPE_KEYWORD_SINCE = Version("4.56")
+
+
+def dtype_keyword(cls: type) -> str:
+    """The dtype keyword `cls.from_pretrained` expects, by the installed library's version."""
+    if cls.__module__.startswith("transformers"):
+        import transformers
+
+        return "dtype" if Version(transformers.__version__).release >= TRANSFORMERS_DTYPE_KEYWORD_SINCE.release else "torch_dtype"
+    return "torch_dtype"
+
+
+def load(cls: type, path: str | Path, device: str, dtype: torch.dtype, **kwargs):
+    """One model straight onto `device` in `dtype`: safetensors, no full CPU/fp32 staging copy."""
+    options = {dtype_keyword(cls): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
+    if device != "cpu":
+        options["device_map"] = {"": torch.device(device)}
+    return cls.from_pretrained(path, **options, **kwargs)
