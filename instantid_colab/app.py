@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 import gradio as gr
 from PIL import Image
 
-from instantid_colab import faces, images, memory, pipeline, settings, styles
+from instantid_colab import controls, faces, images, loras, memory, pipeline, settings, styles
 from instantid_colab.smoke import SMOKE_LABEL
 from instantid_colab.weights import MissingWeightsError
 
@@ -136,6 +136,29 @@ def _core_defaults() -> dict[str, Any]:
     return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
+CONTROL_FIELDS = ("image", "on", "is_map", "strength", "start", "end")  # per kind: `pose_image`, `pose_on`, ...
+
+
+def page_controls(values: dict[str, Any], fallback) -> list[controls.Control]:
+    """The ticked extra controls; a control without its own picture uses `fallback` (the pose photo, else
+    the face photo: what the official multi-ControlNet demo annotates)."""
+    chosen = []
+    for kind in controls.KINDS:
+        if not values.get(f"{kind}_on"):
+            continue
+        path = values.get(f"{kind}_image")
+        image = check_image_file(path, f"{kind} image") if path else fallback
+        chosen.append(controls.Control(kind, image, values[f"{kind}_strength"], values[f"{kind}_start"],
+                                       values[f"{kind}_end"], bool(values.get(f"{kind}_is_map")) and bool(path)))
+    return chosen
+
+
+def page_loras(text: str, files, scale) -> list[loras.Lora]:
+    """LoRAs typed one per line (`ID_OR_FILE[:SCALE]`) plus uploaded .safetensors files at `scale`."""
+    typed = [loras.parse_lora(line.strip()) for line in (text or "").splitlines() if line.strip()]
+    return typed + [loras.Lora(str(path), scale) for path in files or ()]
+
+
 def _generate_handler(session: pipeline.InstantIDSession, stop_requested: threading.Event | None = None) -> Callable:
     """The click handler: validate, call `pipeline.generate`, turn its result into page outputs.
 
@@ -144,28 +167,10 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
     """
     stop_requested = stop_requested or threading.Event()
 
-    def run(
-        face_path,
-        extra_face_files,
-        combine,
-        pose_path,
-        prompt,
-        negative_prompt,
-        style,
-        identitynet_strength,
-        adapter_strength,
-        steps,
-        guidance_scale,
-        scheduler,
-        seed,
-        randomize_seed,
-        enhance_non_face,
-        negative_noise,
-        lcm,
-        size,
-        num_images,
-        progress=gr.Progress(),
-    ):
+    def run(face_path, extra_face_files, combine, pose_path, prompt, negative_prompt, style, identitynet_strength,
+            adapter_strength, steps, guidance_scale, scheduler, seed, randomize_seed, enhance_non_face, negative_noise,
+            lcm, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None, init_strength=0.8,
+            progress=gr.Progress(), **control_values):
         stop_requested.clear()
         try:
             if not face_path:
@@ -173,6 +178,8 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
             face = check_image_file(face_path, "face photo")
             extra_faces = tuple(check_image_file(path, "extra face photo") for path in extra_face_files or ())
             pose = check_image_file(pose_path, "pose image") if pose_path else None
+            chosen = page_controls(control_values, pose if pose is not None else face)
+            init = check_image_file(init_path, "start photo") if init_path else None
             width, height = parse_size(size) or (None, None)
             seed = random.randint(0, MAX_SEED) if randomize_seed else seed
             if lcm and not session.lcm_loaded:
@@ -182,33 +189,18 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
                 progress((step, total), desc=f"denoising step {step}/{total}")
 
             result = pipeline.generate(
-                session,
-                face,
-                prompt or "",
-                negative_prompt=negative_prompt or None,
-                style=style,
-                identitynet_strength=identitynet_strength,
-                adapter_strength=adapter_strength,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                seed=seed,
-                scheduler=scheduler,
-                width=width,
-                height=height,
-                num_images=num_images,
-                pose_image=pose,
-                enhance_non_face=enhance_non_face,
-                negative_noise=negative_noise,
-                combine=combine,
-                lcm=lcm,
-                extra_face_images=extra_faces,
-                callback=report_step,
-                should_stop=stop_requested.is_set,
+                session, face, prompt or "", negative_prompt=negative_prompt or None, style=style,
+                identitynet_strength=identitynet_strength, adapter_strength=adapter_strength, steps=steps,
+                guidance_scale=guidance_scale, seed=seed, scheduler=scheduler, width=width, height=height,
+                num_images=num_images, pose_image=pose, enhance_non_face=enhance_non_face,
+                negative_noise=negative_noise, combine=combine, lcm=lcm, extra_face_images=extra_faces,
+                controls=chosen, loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
+                init_strength=init_strength, callback=report_step, should_stop=stop_requested.is_set,
             )
         except pipeline.GenerationStopped as stopped:
             message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
-            return gr.update(), gr.update(), gr.update(), gr.update(), message
-        except (ValueError, MissingWeightsError, pipeline.OutOfMemory) as error:  # inputs, faces, settings, memory
+            return gr.update(), gr.update(), gr.update(), gr.update(), message, gr.update()
+        except (ValueError, MissingWeightsError, pipeline.OutOfMemory, MemoryError) as error:  # inputs, memory
             raise gr.Error(str(error)) from error
         except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
             logger.exception("generation failed")
@@ -219,16 +211,47 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
         caption = result.label or f"seed {result.seed}"
         gallery = [(result.images[index], f"{caption} · #{index + 1} · {result.likeness[index].render()}")
                    for index in result.best_first()]
+        maps = [(image, f"{control['kind']} ({control['source']}) → {control['model']}")
+                for image, control in zip(result.control_maps, result.settings["controls"])]
         notices = "\n\n".join(f"⚠️ {notice}" for notice in result.notices)
-        return (
-            gallery,
-            result.seed,
-            render_settings(result.seed, result.settings, result.seconds, result.label),
-            result.kps_image,
-            notices,
-        )
+        return (gallery, result.seed, render_settings(result.seed, result.settings, result.seconds, result.label),
+                result.kps_image, notices, maps)
 
     return run
+
+
+def _by_name(handler: Callable, named: dict[str, Any]) -> Callable:
+    """Gradio hands a set of inputs over as one {component: value} dict; the handler takes them by name."""
+
+    def on_click(values: dict, progress=gr.Progress()):
+        return handler(**{name: values[component] for name, component in named.items()}, progress=progress)
+
+    return on_click
+
+
+def _control_sections() -> dict[str, Any]:
+    """One collapsed section of pose / canny / depth controls; returns its inputs by handler name."""
+    what = {"pose": "body pose (OpenPose skeleton)", "canny": "edges (canny)", "depth": "depth"}
+    named = {}
+    with gr.Accordion("Body pose, edges, depth (extra ControlNets)", open=False):
+        gr.Markdown("Each ticked control steers the picture with its own ControlNet. Without its own picture it "
+                    "uses the pose photo (else the face photo), annotated here; tick *already a map* to give a "
+                    "drawn skeleton, edge or depth map instead.")
+        for kind in controls.KINDS:
+            with gr.Group():
+                with gr.Row():
+                    named[f"{kind}_on"] = gr.Checkbox(False, label=f"Use {what[kind]}", elem_id=f"{kind}-on")
+                    named[f"{kind}_is_map"] = gr.Checkbox(False, label="already a map", elem_id=f"{kind}-is-map")
+                named[f"{kind}_image"] = gr.Image(label=f"{kind} picture (optional)", type="filepath", height=160,
+                                                  elem_id=f"{kind}-image", **_accepted(gr.Image.__init__, image_mode=None))
+                named[f"{kind}_strength"] = gr.Slider(*_range("control_strength"), value=controls.DEFAULT_STRENGTH,
+                                                      step=0.05, label=f"{kind} strength", elem_id=f"{kind}-strength")
+                with gr.Row():
+                    named[f"{kind}_start"] = gr.Slider(*_range("control_start"), value=0.0, step=0.05,
+                                                       label="from (fraction of steps)", elem_id=f"{kind}-start")
+                    named[f"{kind}_end"] = gr.Slider(*_range("control_end"), value=1.0, step=0.05, label="to",
+                                                     elem_id=f"{kind}-end")
+    return named
 
 
 def _lcm_switch(lcm: bool) -> tuple[Any, Any]:
@@ -338,6 +361,20 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                         value=defaults["combine"],
                         label="Combine several faces",
                     )
+                control_inputs = _control_sections()
+                with gr.Accordion("Style LoRAs", open=False):
+                    lora_text = gr.Textbox(
+                        label="LoRAs, one per line: a hub id (owner/name or owner/name/file.safetensors) or a file "
+                              "path, optionally :scale", lines=2, placeholder="owner/sdxl-style-lora:0.8", elem_id="lora-text")
+                    lora_files = gr.File(label="or upload SDXL LoRA files", file_count="multiple",
+                                         file_types=[".safetensors"], elem_id="lora-files")
+                    lora_scale = gr.Slider(*_range("lora_scale"), value=1.0, step=0.05, label="Scale of uploaded LoRAs")
+                with gr.Accordion("Start from a photo (img2img)", open=False):
+                    init = gr.Image(label="Start photo: its composition and colours are kept, the face comes from "
+                                          "the face photo", type="filepath", height=200, elem_id="init-image",
+                                    **_accepted(gr.Image.__init__, image_mode=None))
+                    init_strength = gr.Slider(*_range("init_strength"), value=defaults["init_strength"], step=0.05,
+                                              label="How much of it is repainted (1: all of it)", elem_id="init-strength")
             with gr.Column():
                 gallery = gr.Gallery(
                     label="Images",
@@ -355,17 +392,23 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                 notices = gr.Markdown(elem_id="notices")
                 settings_panel = gr.Markdown(elem_id="settings")
                 kps = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
+                maps = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
+                                  elem_id="control-maps")
                 memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
 
-        inputs = [
-            face, extra_faces, combine, pose, prompt, negative, style, identitynet, adapter, steps, guidance,
-            scheduler, seed, randomize_seed, enhance, noise, lcm, size, num_images,
-        ]  # fmt: skip
+        named = dict(
+            face_path=face, extra_face_files=extra_faces, combine=combine, pose_path=pose, prompt=prompt,
+            negative_prompt=negative, style=style, identitynet_strength=identitynet, adapter_strength=adapter,
+            steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed, randomize_seed=randomize_seed,
+            enhance_non_face=enhance, negative_noise=noise, lcm=lcm, size=size, num_images=num_images,
+            lora_text=lora_text, lora_files=lora_files, lora_scale=lora_scale, init_path=init,
+            init_strength=init_strength, **control_inputs,
+        )  # fmt: skip
         stop_requested = threading.Event()
         generate.click(
-            _generate_handler(session, stop_requested),
-            inputs=inputs,
-            outputs=[gallery, seed, settings_panel, kps, notices],
+            _by_name(_generate_handler(session, stop_requested), named),
+            inputs=set(named.values()),
+            outputs=[gallery, seed, settings_panel, kps, notices, maps],
             **_accepted(generate.click, concurrency_limit=1, concurrency_id="gpu"),
         )
         # Not queued: it must run while the generation holds the queue's only slot.

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 import pytest
+import numpy as np
 from PIL import Image
 
 from instantid_colab import app, cli, faces, memory, pipeline, settings, styles
@@ -208,7 +209,7 @@ def face_file(tmp_path_factory):
 
 def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_used(smoke_session, face_file):
     handler = app._generate_handler(smoke_session)
-    gallery, seed, settings, kps, notices = handler(**_handler_args(
+    gallery, seed, settings, kps, notices, maps = handler(**_handler_args(
         face_path=face_file, extra_face_files=[face_file], combine="norm_average", pose_path=face_file,
         negative_prompt="blurry", style="Watercolor", identitynet_strength=0.6, adapter_strength=0.7, steps=2,
         guidance_scale=1.5, scheduler="DPM++ 2M Karras", seed=7, enhance_non_face=False, negative_noise=0.35,
@@ -218,7 +219,7 @@ def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_use
     no_face = "likeness n/a (no face found in the generated image)"  # smoke images are noise
     assert [(image.size, caption) for image, caption in gallery] == [((128, 192), f"{SMOKE_LABEL} · #1 · {no_face}")]
     assert kps.size == (128, 192)
-    assert notices == ""
+    assert notices == "" and maps == []
     lines = settings.splitlines()
     for expected in [
         f"**{SMOKE_LABEL}**", "| user_prompt | a person |", "| style | Watercolor |", "| seed | 7 |",
@@ -232,7 +233,7 @@ def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_use
 
 def test_generate_handler_randomizes_the_seed_and_reports_the_one_used(smoke_session, face_file):
     handler = app._generate_handler(smoke_session)
-    _, seed, settings, _, _ = handler(**_handler_args(face_path=face_file, steps=1, size="64x64", randomize_seed=True))
+    _, seed, settings, _, _, _ = handler(**_handler_args(face_path=face_file, steps=1, size="64x64", randomize_seed=True))
     assert 0 <= seed <= app.MAX_SEED
     assert f"| seed | {seed} |" in settings.splitlines()
 
@@ -255,7 +256,7 @@ class _PressedDuringRun(threading.Event):
 def test_stop_ends_the_run_with_a_message_and_the_app_stays_usable(smoke_session, face_file):
     outputs = app._generate_handler(smoke_session, _PressedDuringRun())(**_handler_args(face_path=face_file, steps=3,
                                                                                        size="64x64"))
-    assert outputs[-1] == "Stopped (stopped after step 1 of 3); nothing was made. Press Generate to start again."
+    assert outputs[4] == "Stopped (stopped after step 1 of 3); nothing was made. Press Generate to start again."
     gallery, *_ = app._generate_handler(smoke_session, threading.Event())(**_handler_args(face_path=face_file, steps=1,
                                                                                           size="64x64"))
     assert gallery[0][0].size == (64, 64)
@@ -280,3 +281,32 @@ def test_a_bug_in_the_core_becomes_a_page_message_and_the_next_click_works(smoke
     monkeypatch.setattr(pipeline, "generate", original)
     gallery, *_ = app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=1, size="64x64"))
     assert gallery[0][0].size == (64, 64)
+
+
+def test_page_controls_loras_and_start_photo_reach_the_core(smoke_session, face_file, tmp_path):
+    edges = tmp_path / "edges.png"
+    Image.new("RGB", (96, 96), (0, 255, 0)).save(edges)
+    changes = dict(face_path=face_file, steps=3, size="64x64", lora_text="smoke:0.6", init_path=face_file,
+                   init_strength=0.7, pose_on=True, pose_strength=0.5, pose_start=0.0, pose_end=0.5,
+                   canny_on=True, canny_image=str(edges), canny_is_map=True, canny_strength=0.3, canny_start=0.2,
+                   canny_end=1.0, depth_on=False, depth_strength=0.4, depth_start=0.0, depth_end=1.0)
+    gallery, _, settings_text, _, notices, maps = app._generate_handler(smoke_session)(**_handler_args(**changes))
+    assert [caption for _, caption in maps] == [
+        "pose (photo) → thibaud/controlnet-openpose-sdxl-1.0", "canny (map) → diffusers/controlnet-canny-sdxl-1.0"]
+    assert np.asarray(maps[1][0])[10, 10].tolist() == [0, 255, 0]  # the map as given, resized to 64x64
+    assert "| loras | [{'name': 'smoke', 'scale': 0.6}] |" in settings_text.splitlines()
+    assert "'strength': 0.7" in settings_text and "'source': 'map'" in settings_text
+    assert gallery[0][0].size == (64, 64)
+
+
+def test_page_lists_a_section_for_each_control_and_the_lora_and_start_photo_inputs():
+    blocks = app.build_app(_session())
+    accordions = [block.label for block in _components(blocks, gr.Accordion)]
+    assert accordions == ["Advanced", "Body pose, edges, depth (extra ControlNets)", "Style LoRAs",
+                          "Start from a photo (img2img)"]
+    sliders = {slider.elem_id: slider for slider in _components(blocks, gr.Slider) if slider.elem_id}
+    for kind in ("pose", "canny", "depth"):
+        strength = sliders[f"{kind}-strength"]
+        assert (strength.minimum, strength.maximum, strength.value) == (0, 1.5, 0.4)
+        assert (sliders[f"{kind}-start"].value, sliders[f"{kind}-end"].value) == (0.0, 1.0)
+    assert (sliders["init-strength"].minimum, sliders["init-strength"].maximum) == (0.01, 1)

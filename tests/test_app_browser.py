@@ -92,15 +92,26 @@ def _set_seed(page, seed: int) -> None:
     page.locator("#seed input").press("Tab")
 
 
+def _set_slider(page, elem_id: str, value: int) -> None:
+    """Type a slider's number and wait until the slider holds it; a keystroke that gradio drops (seen on
+    busy CI cores) is typed again rather than letting Generate send the old value."""
+    number, slider = page.locator(f"#{elem_id} input[type=number]"), page.locator(f"#{elem_id} input[type=range]")
+    for _ in range(5):
+        number.fill(str(value))
+        number.press("Enter")
+        try:
+            playwright.expect(slider).to_have_value(str(value), timeout=10_000)
+            return
+        except AssertionError:
+            continue
+    playwright.expect(slider).to_have_value(str(value))
+
+
 def _make_it_quick(page) -> None:
     """Two steps at 128x128: the smoke models then answer in seconds on a CPU."""
     page.get_by_text("Advanced", exact=True).click()
-    steps = page.locator("#steps input[type=number]")
-    steps.wait_for()
-    steps.fill("2")
-    steps.press("Tab")
-    # The slider takes the typed value on blur; wait until it has, or Generate may still send 30.
-    playwright.expect(page.locator("#steps input[type=range]")).to_have_value("2", timeout=TIMEOUT_MS)
+    page.locator("#steps input[type=number]").wait_for()
+    _set_slider(page, "steps", 2)
     page.locator("#size input").fill("128x128")
     page.locator("#size input").press("Enter")
     playwright.expect(page.locator("#size input")).to_have_value("128x128")
@@ -140,3 +151,42 @@ def test_generate_shows_image_seed_settings_then_survives_a_photo_without_face(p
     page.locator("#generate").click()
     expect(settings).to_contain_text("seed 4321", timeout=TIMEOUT_MS)
     expect(page.locator("#gallery img").first).to_be_visible()
+
+
+def test_controls_lora_and_start_photo_from_the_page(page, photos):
+    face, _ = photos
+    expect = playwright.expect
+    _upload_face(page, face)
+    _set_seed(page, 77)
+    page.get_by_text("Body pose, edges, depth (extra ControlNets)", exact=True).click()
+    page.locator("#pose-on input[type=checkbox]").check()
+    page.get_by_text("Style LoRAs", exact=True).click()
+    page.locator("#lora-text textarea").fill("smoke:0.7")
+    page.get_by_text("Start from a photo (img2img)", exact=True).click()
+    page.locator("#init-image input[type=file]").set_input_files(str(face))
+    page.locator("#init-image img").wait_for()
+    page.locator("#generate").click()
+
+    settings = page.locator("#settings")
+    expect(settings).to_contain_text("seed 77", timeout=TIMEOUT_MS)
+    expect(settings).to_contain_text("'name': 'smoke', 'scale': 0.7")
+    expect(settings).to_contain_text("'kind': 'pose'")
+    expect(settings).to_contain_text("'strength': 0.8, 'image_sha256'")  # the start photo, default strength
+    expect(page.locator("#control-maps img").first).to_be_visible()
+    expect(page.locator("#control-maps")).to_contain_text("pose (photo)")
+
+
+def test_stop_ends_a_long_run_and_the_next_one_works(page, photos):
+    face, _ = photos
+    expect = playwright.expect
+    _upload_face(page, face)
+    _set_slider(page, "steps", 100)
+    page.locator("#generate").click()
+    page.get_by_text("denoising step").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#stop").click()
+    expect(page.locator("#notices")).to_contain_text("Stopped (stopped after step", timeout=TIMEOUT_MS)
+
+    _set_slider(page, "steps", 2)
+    _set_seed(page, 99)
+    page.locator("#generate").click()
+    expect(page.locator("#settings")).to_contain_text("seed 99", timeout=TIMEOUT_MS)
