@@ -109,11 +109,14 @@ def render_settings(seed: int, settings: dict[str, Any], seconds: float, label: 
 SMOKE_PLAN_NOTE = "(the plan's estimates are for the full-size models; this smoke session loaded tiny ones)"
 
 
-def render_memory(plan: memory.MemoryPlan | None, smoke: bool = False) -> str:
-    """Markdown for the live memory panel: RAM/VRAM now, and the memory plan with its why."""
+def render_memory(plan: memory.MemoryPlan | None, smoke: bool = False, extra=()) -> str:
+    """Markdown for the live memory panel: RAM/VRAM now, the memory plan with its why, and where the
+    extra ControlNets of the last run live (`extra`: their memory.ControlPlacement)."""
     sections = [("Memory now", memory.snapshot().render())]
     if plan is not None:
         sections.append(("Memory plan", plan.render() + (f"\n{SMOKE_PLAN_NOTE}" if smoke else "")))
+    if extra:
+        sections.append(("Extra ControlNets", "\n".join(placement.render() for placement in extra)))
     return "\n\n".join(
         f"**{title}**\n" + "\n".join(f"- {line}" for line in text.splitlines()) for title, text in sections
     )
@@ -416,7 +419,8 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
         lcm.change(_lcm_switch, inputs=lcm, outputs=[steps, guidance], queue=False)
 
         def refresh() -> str:
-            return render_memory(session.plan, session.smoke)  # the plan changes when an out-of-memory retry steps it down
+            placements = [placement for placement, _ in session.controlnets.loaded.values()]
+            return render_memory(session.plan, session.smoke, placements)  # an OOM retry changes the plan
 
         if hasattr(gr, "Timer"):
             gr.Timer(MEMORY_REFRESH_S).tick(refresh, outputs=memory_panel, queue=False, show_progress="hidden")

@@ -12,8 +12,13 @@ import sys
 from instantid_colab import cli_errors
 
 
+CONTROL_COMBINATIONS = {"+pose": ("pose",), "+pose+canny+depth": ("pose", "canny", "depth")}
+
+
 def _doctor(args: argparse.Namespace) -> int:
     import json
+
+    import psutil
 
     from instantid_colab import environment, memory
 
@@ -21,14 +26,29 @@ def _doctor(args: argparse.Namespace) -> int:
     problems = environment.check(env)
     snap = memory.snapshot()
     plan = memory.plan_for_this_machine()
+    outlook = _controls_outlook(plan, snap.gpus[0].free_gib if snap.gpus else None,
+                                psutil.virtual_memory().available / memory.GIB)
     if args.json:
         environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems]}
-        print(json.dumps({"environment": environment_dict, "memory": snap.to_dict(), "plan": plan.to_dict()}, indent=2))
+        controls_dict = {name: value if isinstance(value, str) else [vars(p) for p in value]
+                         for name, value in outlook.items()}
+        print(json.dumps({"environment": environment_dict, "memory": snap.to_dict(), "plan": plan.to_dict(),
+                          "controls": controls_dict}, indent=2))
     else:
-        print(env.render(), "", *(problem.render() for problem in problems), "", snap.render(), "", plan.render(), sep="\n")
+        lines = [f"{name}: " + (value if isinstance(value, str) else "; ".join(p.render() for p in value))
+                 for name, value in outlook.items()]
+        print(env.render(), "", *(problem.render() for problem in problems), "", snap.render(), "", plan.render(),
+              "", "Extra ControlNets (estimate, 1024x1024):", *lines, sep="\n")
         if not problems:
             print("\nNo problems found.")
     return 1 if any(problem.severity == "error" for problem in problems) else 0
+
+
+def _controls_outlook(plan, vram_free_gib, ram_available_gib) -> dict:
+    from instantid_colab import controls, memory
+
+    combinations = {name: controls.options(kinds) for name, kinds in CONTROL_COMBINATIONS.items()}
+    return memory.controls_outlook(plan, combinations, vram_free_gib, ram_available_gib)
 
 
 def _install(args: argparse.Namespace) -> int:

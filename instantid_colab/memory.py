@@ -526,6 +526,22 @@ def plan_controls(plan: MemoryPlan, options: dict[str, list[tuple[str, float]]],
     return tuple(placements)
 
 
+def controls_outlook(plan: MemoryPlan, combinations: dict[str, dict[str, list[tuple[str, float]]]],
+                     vram_free_gib: float | None, ram_available_gib: float) -> dict[str, list[ControlPlacement] | str]:
+    """For `doctor`: where each combination of extra ControlNets would go once the pipeline is loaded
+    (estimated from the plan, before anything loads), or why it cannot run."""
+    activations = _activations(1024, 1024, 1, plan.vae_tiling, False) + GPU_RUNTIME
+    vram_left = None if vram_free_gib is None else vram_free_gib - (plan.estimated_vram_gib - activations)
+    ram_left = ram_available_gib - plan.estimated_ram_gib + HOST_RUNTIME
+    outlook: dict[str, list[ControlPlacement] | str] = {}
+    for name, options in combinations.items():
+        try:
+            outlook[name] = list(plan_controls(plan, options, vram_left, ram_left))
+        except MemoryError as error:
+            outlook[name] = str(error)
+    return outlook
+
+
 def vram_available_gib(index: int = 0) -> float | None:
     """What this process can still allocate on GPU `index`: free memory plus torch's cached-but-unused
     blocks, within a `set_per_process_memory_fraction` cap. None without a GPU."""

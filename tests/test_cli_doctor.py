@@ -13,11 +13,14 @@ from instantid_colab.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_doctor_json_is_one_object_with_three_keys():
+def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
     done = subprocess.run([sys.executable, "-m", "instantid_colab", "doctor", "--json"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     data = json.loads(done.stdout)
-    assert set(data) == {"environment", "memory", "plan"}
+    assert set(data) == {"environment", "memory", "plan", "controls"}
+    assert list(data["controls"]) == ["+pose", "+pose+canny+depth"]
+    if not data["environment"]["cuda_available"]:
+        assert [p["place"] for p in data["controls"]["+pose+canny+depth"]] == ["cpu", "cpu", "cpu"]
     assert data["environment"]["packages"]["torch"].startswith("2.")
     assert data["memory"]["ram_total_gib"] > 0
     if not data["environment"]["cuda_available"]:

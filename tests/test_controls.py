@@ -177,3 +177,23 @@ def test_start_photo_repaints_its_fraction_of_the_steps_with_the_face_tokens(ses
 def test_start_photo_strength_too_small_for_the_steps():
     with pytest.raises(SettingsError, match="repaints less than one step"):
         pipeline.generate(None, "face.png", steps=4, init_image="start.png", init_strength=0.1)
+
+
+def test_doctor_outlook_for_a_free_colab_t4():
+    plan = memory.choose_plan(11.0, 14.7)
+    combos = {"+pose": controls.options(["pose"]), "+all": controls.options(["pose", "canny", "depth"])}
+    outlook = memory.controls_outlook(plan, combos, 14.7, 11.0)
+    assert [(p.kind, p.variant, p.place) for p in outlook["+pose"]] == [("pose", "full", "gpu")]
+    assert [(p.kind, p.variant, p.place) for p in outlook["+all"]] == [
+        ("pose", "full", "gpu"), ("canny", "small", "offload"), ("depth", "small", "offload")]
+    assert outlook["+all"][1].render() == "canny ControlNet (small, 0.30 GiB) in RAM, streamed to the GPU each step (slower)"
+    tight = memory.controls_outlook(memory.choose_plan(3.0, 7.5), {"+pose": controls.options(["pose"])}, 7.5, 3.0)
+    assert "Not enough memory for the pose ControlNet" in tight["+pose"]
+
+
+def test_memory_panel_lists_the_loaded_extra_controlnets():
+    from instantid_colab import app
+
+    placement = memory.ControlPlacement("depth", "small", "gpu", 0.30)
+    text = app.render_memory(memory.choose_plan(11.0, 14.7), extra=[placement])
+    assert text.endswith("**Extra ControlNets**\n- depth ControlNet (small, 0.30 GiB) on the GPU")
