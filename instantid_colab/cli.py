@@ -7,6 +7,7 @@ the command so that `doctor` works on a machine where diffusers or torch are bro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from instantid_colab import cli_errors
@@ -174,6 +175,51 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    """Check every row, load once, make what results.jsonl lacks; `--gpus N` relaunches under accelerate."""
+    from instantid_colab import batch, pipeline
+
+    if args.gpus > 1:
+        return _launch_on_gpus(args.gpus, args.argv)
+    rows = batch.prepare_rows(args.manifest, smoke=args.smoke)
+    process, processes = 0, 1
+    if "LOCAL_RANK" in os.environ:  # one of the processes `accelerate launch` started: its own GPU, its own plan
+        import torch
+        from accelerate import PartialState
+
+        state = PartialState()
+        process, processes = state.process_index, state.num_processes
+        if state.device.type == "cuda":
+            torch.cuda.set_device(state.device)
+    weights = _weights(args)
+    for lora in {lora.name for row in rows for lora in row.values["loras"]}:
+        pipeline.lora_file(weights, lora)
+    session = pipeline.load_pipeline(weights, progress=False)
+    report = batch.run(session, rows, args.out, process=process, processes=processes)
+    if session.label:
+        print(f"[{session.label}]")
+    print(report.render())
+    return 0
+
+
+def _launch_on_gpus(gpus: int, argv: list[str], runner=None) -> int:
+    """`accelerate launch --multi_gpu --num_processes N -m instantid_colab ...` with this command line minus --gpus."""
+    import subprocess
+
+    forwarded, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--gpus":
+            skip = True
+        elif not item.startswith("--gpus="):
+            forwarded.append(item)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus),
+               "-m", "instantid_colab", *forwarded]
+    print("$ " + " ".join(command), flush=True)
+    return (runner or subprocess.call)(command)
+
+
 def _app(args: argparse.Namespace) -> int:
     from instantid_colab import app, pipeline
     from instantid_colab.settings import SettingsError
@@ -268,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_options(generate)
     _weights_options(generate)
 
+    batch = command("batch", "many images from a manifest (CSV or JSONL), resumable, on one or several GPUs", _batch)
+    batch.add_argument("manifest", help="CSV with a header row or JSONL; columns: face, prompt, style, seed, steps, "
+                                        "identitynet_strength, adapter_strength, width, height, controls, loras, ... "
+                                        "(README); missing columns take the defaults")
+    batch.add_argument("--out", default="outputs/batch", help="folder for the PNGs, results.jsonl, contact_sheet.png")
+    batch.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
+    batch.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
+    _weights_options(batch)
+
     app = command("app", "the gradio app", _app)
     app.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), no download")
     app.add_argument("--share", action=argparse.BooleanOptionalAction, default=None,
@@ -287,13 +342,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from instantid_colab.pipeline import OutOfMemory
     from instantid_colab.weights import MissingWeightsError, WeightSizeError
 
-    return (ValueError, FileNotFoundError, PermissionError, MissingWeightsError, WeightSizeError, OutOfMemory)
+    return (MemoryError, ValueError, FileNotFoundError, PermissionError, MissingWeightsError, WeightSizeError, OutOfMemory)
 
 
 def main(argv: list[str] | None = None) -> int:
     from instantid_colab.settings import SettingsError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what `batch --gpus N` hands on
     return cli_errors.run(args.handler, args, _user_errors(), usage_errors=(SettingsError,))
 
 

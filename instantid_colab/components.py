@@ -28,5 +28,8 @@ def load(cls: type, path: str | Path, device: str, dtype: torch.dtype, **kwargs)
     """One model straight onto `device` in `dtype`: safetensors, no full CPU/fp32 staging copy."""
     options = {dtype_keyword(cls): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
     if device != "cpu":
-        options["device_map"] = {"": torch.device(device)}
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:  # "cuda" = this process's GPU (one per process in a batch)
+            target = torch.device("cuda", torch.cuda.current_device())
+        options["device_map"] = {"": target}
     return cls.from_pretrained(path, **options, **kwargs)

@@ -146,7 +146,9 @@ class FaceAnalyzer:
     detector's 5 keypoints and the ArcFace embedding.
     """
 
-    def __init__(self, root: Path, name: str = "antelopev2", device: str = "cpu", det_size: int = 640):
+    def __init__(self, root: Path, name: str = "antelopev2", device: str = "cpu", det_size: int = 640,
+                 device_index: int = 0):
+        """`device_index`: which GPU onnxruntime uses (one process per GPU in a multi-GPU batch)."""
         from insightface.app import FaceAnalysis
 
         folder = _model_dir(root, name)
@@ -155,6 +157,8 @@ class FaceAnalyzer:
         # An absolute folder as `name`: insightface >=2 uses it directly, 0.7.x joins it onto root
         # (os.path.join keeps the absolute part), so neither looks for a download.
         options = dict(name=str(folder), root=str(Path(root).expanduser()), allowed_modules=["detection", "recognition"])
+        if "CUDAExecutionProvider" in requested:
+            options["provider_options"] = [{"device_id": device_index}, {}]
         try:
             self._app = FaceAnalysis(providers=requested, **options)
         except Exception as error:
@@ -162,6 +166,7 @@ class FaceAnalyzer:
                 raise
             warnings.warn(f"onnxruntime CUDA failed ({error}); face analysis runs on CPU.", stacklevel=2)
             requested = ["CPUExecutionProvider"]
+            options.pop("provider_options")
             self._app = FaceAnalysis(providers=requested, **options)
         if "recognition" not in self._app.models:
             raise FileNotFoundError(f"{folder} has a detector but no ArcFace recognition model (glintr100.onnx).")

@@ -462,14 +462,16 @@ def _lower(sentence: str) -> str:
 
 
 def plan_for_this_machine(width: int = 1024, height: int = 1024, batch: int = 1) -> MemoryPlan:
-    """choose_plan with this machine's available RAM and the first GPU's free VRAM."""
+    """choose_plan with this machine's available RAM and the current GPU's free VRAM (in a multi-GPU
+    batch each process has set its own GPU as current, so each plans for its own)."""
     cuda = _cuda()
     vram_free = None
     capability = (7, 5)
     if cuda is not None:
-        free, _ = cuda.mem_get_info(0)
+        index = cuda.current_device()
+        free, _ = cuda.mem_get_info(index)
         vram_free = free / GIB
-        capability = cuda.get_device_capability(0)
+        capability = cuda.get_device_capability(index)
     return choose_plan(psutil.virtual_memory().available / GIB, vram_free, width, height, batch, capability)
 
 
@@ -542,12 +544,13 @@ def controls_outlook(plan: MemoryPlan, combinations: dict[str, dict[str, list[tu
     return outlook
 
 
-def vram_available_gib(index: int = 0) -> float | None:
-    """What this process can still allocate on GPU `index`: free memory plus torch's cached-but-unused
-    blocks, within a `set_per_process_memory_fraction` cap. None without a GPU."""
+def vram_available_gib(index: int | None = None) -> float | None:
+    """What this process can still allocate on GPU `index` (default: the current one): free memory plus
+    torch's cached-but-unused blocks, within a `set_per_process_memory_fraction` cap. None without a GPU."""
     cuda = _cuda()
     if cuda is None:
         return None
+    index = cuda.current_device() if index is None else index
     free, total = cuda.mem_get_info(index)
     reserved, allocated = cuda.memory_reserved(index), cuda.memory_allocated(index)
     fraction = cuda.get_per_process_memory_fraction(index) if hasattr(cuda, "get_per_process_memory_fraction") else 1.0

@@ -186,7 +186,9 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
     with _stage(recorder, "apply memory plan"):
         memory.apply(plan, pipe)
     with _stage(recorder, "load face analysis"):
-        analyzer = faces.FaceAnalyzer(root=weights.face_root, name="antelopev2", device=plan.face_device)
+        index = torch.cuda.current_device() if plan.face_device == "cuda" else 0
+        analyzer = faces.FaceAnalyzer(root=weights.face_root, name="antelopev2", device=plan.face_device,
+                                      device_index=index)
     return InstantIDSession(pipe=pipe, faces=analyzer, plan=plan, weights=weights, smoke=weights.smoke,
                             scheduler_config=scheduler_config, load_seconds=time.perf_counter() - started)
 

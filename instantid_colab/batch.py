@@ -1,0 +1,351 @@
+"""Many images with one loaded pipeline: a manifest (CSV or JSONL) in, PNGs, `results.jsonl` and a contact sheet out.
+
+Resumable: a row is keyed by its content (the bytes of every picture it names and every setting), and
+a row whose key is already in `results.jsonl` is skipped, so running the same command again only
+makes what is missing, and an interruption loses at most the image in flight. Several processes
+(`accelerate launch`, one per GPU) share one manifest: each takes the next row that nobody holds by
+creating a claim file under a lock, so rows are split as fast as each GPU goes, none is made twice,
+and when a process dies the others take over its row (its claim names a process that no longer runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from instantid_colab import controls, loras, settings
+from instantid_colab.images import open_image
+
+RESULTS = "results.jsonl"
+CONTACT_SHEET = "contact_sheet.png"
+THUMB = 256
+# Columns: pipeline.generate's keyword names, plus the pictures and the output name. Lists ("controls",
+# "loras", "extra_faces") are `;`-separated in CSV and may be JSON lists in JSONL.
+NUMBERS = ("steps", "guidance_scale", "identitynet_strength", "adapter_strength", "seed", "width", "height",
+           "num_images", "negative_noise", "init_strength")
+TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name")
+FLAGS = ("enhance_non_face", "lcm")
+PICTURES = ("face", "pose", "init_image")
+LISTS = ("extra_faces", "controls", "control_maps", "loras")
+COLUMNS = ("face", *TEXTS, *NUMBERS, *FLAGS, "pose", "init_image", *LISTS)
+
+
+class ManifestError(ValueError):
+    """Rows that cannot run; every problem is listed with its row number before anything loads."""
+
+
+@dataclass
+class Row:
+    number: int  # 1-based, as a person counts the rows of the manifest
+    values: dict[str, Any]  # pipeline.generate's keyword arguments (pictures opened)
+    record: dict[str, Any]  # what the row asked for, as written, for results.jsonl
+    key: str = ""
+    name: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking the manifest
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a CSV (header row) or JSONL (one object per line) manifest, blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ManifestError(f"{path} line {number}: not JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise ManifestError(f"{path} line {number}: a JSON object per line is expected")
+                rows.append(row)
+        return rows
+    if path.suffix.lower() != ".csv":
+        raise ManifestError(f"manifest {path}: use a .csv (with a header row) or a .jsonl file")
+    return [{key.strip(): value for key, value in row.items() if key is not None and value not in ("", None)}
+            for row in csv.DictReader(text.splitlines())]
+
+
+def _items(value) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    return [item.strip() for item in str(value).split(";") if item.strip()]
+
+
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise settings.SettingsError([f"{value!r} is not true or false"])
+
+
+def _relative(base: Path, text: str) -> str:
+    path = Path(text).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def prepare_rows(manifest: str | Path, smoke: bool = False) -> list[Row]:
+    """Every row checked (settings, pictures, controls, LoRAs) and keyed; ManifestError lists all problems.
+
+    Picture paths are relative to the manifest's folder. A row without a seed gets one derived from its
+    content, so a re-run makes the same picture and finds it done.
+    """
+    manifest = Path(manifest)
+    base = manifest.parent
+    rows, problems = [], []
+    for number, raw in enumerate(read_manifest(manifest), 1):
+        try:
+            rows.append(_prepare(number, raw, base, smoke))
+        except (ValueError, FileNotFoundError) as error:  # SettingsError, ImageInputError, ...
+            problems.append(f"row {number}: {error}")
+    if problems:
+        raise ManifestError(f"{manifest}: {len(problems)} of the rows cannot run; nothing was made:\n"
+                            + "\n".join(f"  - {problem}" for problem in problems))
+    if not rows:
+        raise ManifestError(f"{manifest} has no rows")
+    return rows
+
+
+def _prepare(number: int, raw: dict[str, Any], base: Path, smoke: bool) -> Row:
+    unknown = sorted(set(raw) - set(COLUMNS))
+    if unknown:
+        raise settings.SettingsError([f"unknown column(s) {', '.join(unknown)}; known: {', '.join(COLUMNS)}"])
+    values: dict[str, Any] = {name: raw[name] for name in (*TEXTS, *NUMBERS) if name in raw}
+    values.update({name: _flag(raw[name]) for name in FLAGS if name in raw})
+    digests: dict[str, Any] = {}
+    if "face" not in raw and not smoke:
+        raise settings.SettingsError(["no face: the face column names the photo of the person"])
+    if smoke and "width" not in values and "height" not in values:
+        from instantid_colab.smoke import SMOKE_SIZE  # tiny random models: seconds at 128 px, minutes at 1280
+
+        values["width"] = values["height"] = SMOKE_SIZE
+    if "face" in raw:
+        values["face_image"] = open_image(_relative(base, raw["face"]), "face photo")
+    else:
+        from instantid_colab.smoke import sample_face_image
+
+        values["face_image"] = sample_face_image()
+    values["extra_face_images"] = [open_image(_relative(base, p), "extra face photo") for p in _items(raw.get("extra_faces"))]
+    for column, keyword, what in (("pose", "pose_image", "pose image"), ("init_image", "init_image", "start photo")):
+        if column in raw:
+            values[keyword] = open_image(_relative(base, raw[column]), what)
+    given = [controls.parse_control(text) for text in _items(raw.get("controls"))]
+    given += [controls.parse_control(text, is_map=True) for text in _items(raw.get("control_maps"))]
+    given = [controls.Control(c.kind, _relative(base, str(c.image)), c.strength, c.start, c.end, c.is_map) for c in given]
+    checked = controls.check_controls(given)
+    values["controls"] = [controls.Control(c.kind, controls.source_image(c), c.strength, c.start, c.end, c.is_map)
+                          for c in checked]
+    values["loras"] = loras.check_loras([loras.parse_lora(text) for text in _items(raw.get("loras"))])
+    name = values.pop("name", None)
+    for keyword in ("face_image", "pose_image", "init_image"):
+        if values.get(keyword) is not None:
+            digests[keyword] = controls.image_digest(values[keyword])
+    digests["extra_face_images"] = [controls.image_digest(image) for image in values["extra_face_images"]]
+    digests["controls"] = [{**vars(c), "image": controls.image_digest(c.image)} for c in values["controls"]]
+    digests["loras"] = [vars(lora) for lora in values["loras"]]
+    plain = {key: value for key, value in values.items()
+             if key not in ("face_image", "pose_image", "init_image", "extra_face_images", "controls", "loras")}
+    if "seed" not in plain:
+        plain["seed"] = int(_digest({**plain, **digests})[:8], 16)  # stable per row content
+    checked_plain = settings.check({**plain, "init_image": values.get("init_image")})
+    del checked_plain["init_image"]
+    values.update(checked_plain)
+    key = _digest({**checked_plain, **digests})
+    return Row(number, values, {key: value for key, value in raw.items()}, key, name or f"{number:04d}-{key[:8]}")
+
+
+def _digest(content: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing the rows between processes
+
+
+@dataclass
+class Claims:
+    """Who makes which row: claim files `DIR/claims/KEY` holding "run pid", read and written under one lock."""
+
+    out: Path
+    run: str = field(default_factory=lambda: os.environ.get("TORCHELASTIC_RUN_ID") or uuid.uuid4().hex)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        (self.out / "claims").mkdir(parents=True, exist_ok=True)
+        with open(self.out / "claims" / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _held_by_someone_alive(self, key: str) -> bool:
+        claim = self.out / "claims" / key
+        if not claim.is_file():
+            return False
+        run, _, pid = claim.read_text().partition(" ")
+        if run != self.run or not pid.isdigit():
+            return False  # left by an earlier run
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False  # that process died: its row is free again
+        except PermissionError:
+            return True
+        return True
+
+    def take(self, rows: list[Row]) -> Row | None:
+        """The first row that is neither done nor held by a live process of this run (and mark it ours)."""
+        with self.locked():
+            done = done_keys(self.out)
+            for row in rows:
+                if row.key not in done and not self._held_by_someone_alive(row.key):
+                    (self.out / "claims" / row.key).write_text(f"{self.run} {os.getpid()}")
+                    return row
+        return None
+
+    def finish(self, row: Row, result: dict[str, Any]) -> None:
+        """Append the row's result line and drop its claim, under the lock (one file, no duplicates)."""
+        with self.locked():
+            with open(self.out / RESULTS, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(result) + "\n")
+            (self.out / "claims" / row.key).unlink(missing_ok=True)
+
+
+def results(out: Path) -> list[dict[str, Any]]:
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a killed process
+            lines.append(json.loads(line))
+    return lines
+
+
+def done_keys(out: Path) -> set[str]:
+    return {line["key"] for line in results(out) if "key" in line}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class BatchReport:
+    rows: int
+    made: int
+    skipped: int  # already in results.jsonl
+    failed: int  # a face not found, a LoRA that does not fit, ...: recorded with the reason
+    seconds: float
+    out: Path
+
+    def render(self) -> str:
+        rate = f", {self.made / self.seconds:.2f} rows/s" if self.made and self.seconds else ""
+        return (f"{self.rows} rows: {self.made} made here, {self.skipped} already done, {self.failed} failed"
+                f" ({self.seconds:.1f} s{rate}). Results: {self.out / RESULTS}; contact sheet: {self.out / CONTACT_SHEET}")
+
+
+def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: int = 1, progress: bool = True,
+        on_row=None) -> BatchReport:
+    """Make every row not yet in `out/results.jsonl`, taking rows through `Claims` (safe with several processes)."""
+    from tqdm.auto import tqdm
+
+    from instantid_colab import pipeline
+    from instantid_colab.identity import _execution_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    claims = Claims(out)
+    device = str(_execution_device(session.pipe))
+    already = len({row.key for row in rows} & done_keys(out))
+    todo = len(rows) - already
+    bar = tqdm(total=-(-todo // processes), desc=f"batch (GPU {process})" if processes > 1 else "batch",
+               unit="row", disable=not progress)
+    made = failed = 0
+    started = time.perf_counter()
+    while (row := claims.take(rows)) is not None:
+        row_started = time.perf_counter()
+        line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "process": process,
+                                "pid": os.getpid(), "device": device}
+        try:
+            result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
+        except (ValueError, pipeline.OutOfMemory, MemoryError) as error:  # a face not found, a bad LoRA, ...
+            line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
+            claims.finish(row, line)
+            failed += 1
+            bar.update()
+            continue
+        files = []
+        for index, image in enumerate(result.images):
+            suffix = f"-{index}" if len(result.images) > 1 else ""
+            files.append(str(pipeline.save_png(image, out / f"{row.name}{suffix}.png")))
+        line.update(status="done", files=files, seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
+                    identity_similarity=[likeness.similarity for likeness in result.likeness],
+                    settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
+        claims.finish(row, line)
+        made += 1
+        bar.update()
+        if on_row is not None:
+            on_row(row, result)
+    bar.close()
+    with claims.locked():
+        contact_sheet(out, rows, session.label)
+    return BatchReport(len(rows), made, already, failed, time.perf_counter() - started, out)
+
+
+def _keywords(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if key != "face_image"}
+
+
+def contact_sheet(out: Path, rows: list[Row], label: str | None = None, columns: int = 4) -> Path | None:
+    """One picture of every image made so far, in manifest order, captioned with row, seed and likeness
+    (under the smoke label when the images come from random weights)."""
+    by_key = {line["key"]: line for line in results(out) if line.get("status") == "done"}
+    tiles = []
+    for row in rows:
+        line = by_key.get(row.key)
+        for index, (file, similarity) in enumerate(zip(line["files"], line["identity_similarity"]) if line else ()):
+            if Path(file).is_file():
+                likeness = "n/a" if similarity is None else f"{similarity:.2f}"
+                tiles.append((file, f"row {row.number}#{index + 1} · seed {line['seed']} · likeness {likeness}"))
+    if not tiles:
+        return None
+    top = 24 if label else 0
+    rows_needed = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * THUMB, top + rows_needed * (THUMB + 20)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if label:
+        draw.text((4, 6), label, fill="darkred")
+    for index, (file, caption) in enumerate(tiles):
+        with Image.open(file) as picture:
+            picture.thumbnail((THUMB, THUMB))
+            x, y = (index % columns) * THUMB, top + (index // columns) * (THUMB + 20)
+            sheet.paste(picture.convert("RGB"), (x + (THUMB - picture.width) // 2, y))
+        draw.text((x + 4, y + THUMB + 4), caption, fill="black")
+    path = out / CONTACT_SHEET
+    sheet.save(path)
+    return path

@@ -1,0 +1,177 @@
+"""The batch command: manifests, resume by content, failures recorded, rows shared between processes (smoke)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from instantid_colab import batch, cli, memory, pipeline, smoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke"))
+
+
+@pytest.fixture(scope="module")
+def session(weights):
+    return pipeline.load_pipeline(weights, memory.choose_plan(16, None), progress=False)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    smoke.sample_face_image().save(tmp_path / "ann.png")
+    smoke.sample_face_image(face_color=(150, 210, 240)).save(tmp_path / "bob.png")
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(tmp_path / "grey.png")
+    return tmp_path
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+CSV = """
+    face,prompt,seed,steps,num_images,controls,loras
+    ann.png,a pilot,1,2,,,
+    bob.png,a painter,,2,2,canny=ann.png:0.5,smoke:0.5
+    ann.png,a chef,3,1,,,
+    """
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / batch.RESULTS).read_text().splitlines()]
+
+
+def test_csv_rows_make_pngs_results_and_a_contact_sheet_then_a_rerun_makes_nothing(session, folder):
+    rows = batch.prepare_rows(write(folder, "m.csv", CSV), smoke=True)
+    assert [row.number for row in rows] == [1, 2, 3]
+    assert 0 <= rows[1].values["seed"] < 2**32  # none given: derived from the row's content
+    report = batch.run(session, rows, folder / "out", progress=False)
+    assert (report.made, report.skipped, report.failed) == (3, 0, 0)
+    done = lines(folder / "out")
+    assert [line["row"] for line in done] == [1, 2, 3] and {line["status"] for line in done} == {"done"}
+    assert [len(line["files"]) for line in done] == [1, 2, 1]
+    assert done[0]["seed"] == 1 and done[2]["seed"] == 3 and done[1]["settings"]["loras"] == [{"name": "smoke", "scale": 0.5}]
+    assert done[1]["settings"]["controls"][0]["kind"] == "canny"
+    assert all(Path(file).is_file() for line in done for file in line["files"])
+    stored = json.loads(Image.open(done[1]["files"][1]).text["instantid"])
+    assert stored["image_index"] == 1 and stored["seed"] == done[1]["seed"]
+    assert (folder / "out" / batch.CONTACT_SHEET).is_file()
+    again = batch.run(session, batch.prepare_rows(folder / "m.csv", smoke=True), folder / "out", progress=False)
+    assert (again.made, again.skipped) == (0, 3) and len(lines(folder / "out")) == 3
+
+
+def test_a_row_is_keyed_by_its_content(folder):
+    first = batch.prepare_rows(write(folder, "a.jsonl", '{"face": "ann.png", "prompt": "x"}\n'), smoke=True)[0]
+    same = batch.prepare_rows(write(folder, "b.jsonl", '{"face": "ann.png", "prompt": "x"}\n'), smoke=True)[0]
+    other = batch.prepare_rows(write(folder, "c.jsonl", '{"face": "bob.png", "prompt": "x"}\n'), smoke=True)[0]
+    steps = batch.prepare_rows(write(folder, "d.jsonl", '{"face": "ann.png", "prompt": "x", "steps": 29}\n'), smoke=True)[0]
+    assert first.key == same.key and first.values["seed"] == same.values["seed"]  # derived from the content
+    assert len({first.key, other.key, steps.key}) == 3
+
+
+def test_an_interrupted_batch_resumes_with_what_is_missing(session, folder):
+    rows = batch.prepare_rows(write(folder, "m.csv", CSV), smoke=True)
+
+    def interrupt(row, result):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(session, rows, folder / "out", progress=False, on_row=interrupt)
+    assert [line["row"] for line in lines(folder / "out")] == [1]
+    report = batch.run(session, rows, folder / "out", progress=False)
+    assert (report.made, report.skipped) == (2, 1)
+    assert sorted(line["row"] for line in lines(folder / "out")) == [1, 2, 3]
+
+
+def test_a_row_without_a_face_is_recorded_as_failed_and_the_rest_is_made(session, folder):
+    rows = batch.prepare_rows(write(folder, "m.jsonl", """
+        {"face": "grey.png", "steps": 1}
+        {"face": "ann.png", "steps": 1}
+        """), smoke=True)
+    report = batch.run(session, rows, folder / "out", progress=False)
+    failed, done = lines(folder / "out")
+    assert (report.made, report.failed) == (1, 1)
+    assert failed["status"] == "failed" and failed["error"].startswith("No face found")
+    assert done["status"] == "done"
+    assert batch.run(session, rows, folder / "out", progress=False).made == 0  # the reason is on record
+
+
+def test_every_bad_row_is_listed_before_anything_loads(folder):
+    manifest = write(folder, "bad.csv", """
+        face,prompt,steps,colour,controls
+        ann.png,ok,30,,
+        missing.png,x,30,,
+        ann.png,x,0,,
+        ann.png,x,30,red,
+        ann.png,x,30,,hands=ann.png
+        """)
+    with pytest.raises(batch.ManifestError) as caught:
+        batch.prepare_rows(manifest)
+    message = str(caught.value)
+    assert "4 of the rows cannot run; nothing was made" in message
+    assert "row 2: face photo: " in message and "missing.png does not exist" in message
+    assert "row 3: steps 0 is out of range: use 1 to 100" in message
+    assert "row 4: unknown column(s) colour" in message
+    assert "row 5: control 'hands' is not one of: pose, canny, depth" in message
+    assert "row 1:" not in message
+
+
+def _process(folder: Path, manifest: Path, run_id: str, crash_at_row: int | None = None) -> subprocess.Popen:
+    """A separate batch process (as accelerate would start one), optionally dying hard at one row."""
+    code = textwrap.dedent(f"""
+        import os, sys
+        from instantid_colab import batch, cli, pipeline
+        original = pipeline.generate
+        def generate(*args, **kwargs):
+            if {crash_at_row!r} is not None and kwargs.get("prompt") == "row {crash_at_row}":
+                os._exit(9)  # a process that dies mid-row, no clean-up
+            return original(*args, **kwargs)
+        pipeline.generate = generate
+        sys.exit(cli.main(["batch", {str(manifest)!r}, "--out", {str(folder / 'out')!r}, "--smoke"]))
+        """)
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": run_id, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_processes_share_the_rows_and_take_over_a_dead_ones_row(folder):
+    manifest = write(folder, "m.jsonl", "".join(f'{{"prompt": "row {n}", "steps": 1, "seed": {n}}}\n' for n in range(1, 7)))
+    dying = _process(folder, manifest, "run-1", crash_at_row=2)
+    assert dying.wait(timeout=600) == 9
+    claims = [path.read_text() for path in (folder / "out" / "claims").iterdir() if not path.name.startswith(".")]
+    assert len(claims) == 1 and claims[0].startswith("run-1 ")  # its row in flight, held by a dead process
+    survivors = [_process(folder, manifest, "run-1") for _ in range(2)]
+    assert [process.wait(timeout=600) for process in survivors] == [0, 0]
+    done = lines(folder / "out")
+    assert sorted(line["row"] for line in done) == [1, 2, 3, 4, 5, 6]  # no row lost, none twice
+    assert len({line["key"] for line in done}) == 6
+    by_row = {line["row"]: line for line in done}
+    assert by_row[1]["pid"] == dying.pid and by_row[2]["pid"] != dying.pid  # row 2 was taken over
+
+
+def test_gpus_option_relaunches_the_same_command_under_accelerate(capsys):
+    seen = []
+    code = cli._launch_on_gpus(2, ["batch", "m.csv", "--out", "o", "--gpus", "2", "--smoke"], runner=seen.append)
+    assert seen == [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "-m", "instantid_colab", "batch", "m.csv", "--out", "o", "--smoke"]]
+    assert code is None and "accelerate.commands.launch" in capsys.readouterr().out
+
+
+def test_cli_batch_smoke(folder, capsys):
+    manifest = write(folder, "m.csv", "prompt,steps\na,1\nb,1\n")
+    assert cli.main(["batch", str(manifest), "--out", str(folder / "o"), "--smoke"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"[{smoke.SMOKE_LABEL}]\n2 rows: 2 made here, 0 already done, 0 failed")
+    assert cli.main(["batch", str(folder / "nope.csv"), "--out", str(folder / "o"), "--smoke"]) == 1
+    assert "manifest " in capsys.readouterr().err
