@@ -52,8 +52,8 @@ LOADED_NAME = "diffusion_pytorch_model.fp16.safetensors"
 CONTROL_MODELS: dict[str, dict[str, ControlModel]] = {
     "pose": {"full": ControlModel("thibaud/controlnet-openpose-sdxl-1.0", "diffusion_pytorch_model.bin", 2.33)},
     "canny": {"full": ControlModel("diffusers/controlnet-canny-sdxl-1.0", LOADED_NAME, 2.33),
-              "small": ControlModel("diffusers/controlnet-canny-sdxl-1.0-small", LOADED_NAME, 0.30)},
-    "depth": {"small": ControlModel("diffusers/controlnet-depth-sdxl-1.0-small", LOADED_NAME, 0.30)},
+              "small": ControlModel("diffusers/controlnet-canny-sdxl-1.0-small", LOADED_NAME, 0.31)},
+    "depth": {"small": ControlModel("diffusers/controlnet-depth-sdxl-1.0-small", LOADED_NAME, 0.31)},
 }
 ANNOTATOR_REPOS = {"pose": "usyd-community/vitpose-base-simple", "depth": "depth-anything/Depth-Anything-V2-Small-hf"}
 ANNOTATOR_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")

@@ -99,10 +99,21 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
     and the separate mask/scale/add kernels cost launches on every layer of every step. Being an
     IPAdapterAttnProcessor2_0, it keeps diffusers' weights, `set_ip_adapter_scale` and unloading; any
     case it does not cover (attention masks, spatial/group norm, several adapters) goes to diffusers.
-    Output = to_out(text attention + scale x region x IP attention), one SDPA call each.
+    Output = to_out(text attention + scale x region x IP attention), one SDPA call each. Inside
+    `face_conditioning` the keys and values of the text and of the face tokens, which do not change
+    between steps, are computed at the first step and reused (the outputs are the same numbers).
     """
 
     region: FaceRegion | None = None
+    cache: dict | None = None  # per pipeline call: (what, data_ptr) -> (key, value)
+
+    def _key_value(self, what: str, states: torch.Tensor, to_k, to_v) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is None:
+            return to_k(states), to_v(states)
+        slot = (what, states.data_ptr(), tuple(states.shape))
+        if slot not in self.cache:
+            self.cache[slot] = (to_k(states), to_v(states))
+        return self.cache[slot]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  scale: float = 1.0, ip_adapter_masks=None):
@@ -115,7 +126,7 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
         text, (face_tokens,) = encoder_hidden_states
         batch, queries, _ = hidden_states.shape
         query = attn.to_q(hidden_states)
-        key, value = attn.to_k(text), attn.to_v(text)
+        key, value = self._key_value("text", text, attn.to_k, attn.to_v)
         head_dim = key.shape[-1] // attn.heads
 
         def heads(states: torch.Tensor) -> torch.Tensor:
@@ -126,7 +137,8 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
         ip_scale = self.scale[0]
         if ip_scale != 0:
             tokens = face_tokens.reshape(batch, -1, face_tokens.shape[-1])
-            ip = F.scaled_dot_product_attention(query, heads(self.to_k_ip[0](tokens)), heads(self.to_v_ip[0](tokens)))
+            ip_key, ip_value = self._key_value("face", tokens, self.to_k_ip[0], self.to_v_ip[0])
+            ip = F.scaled_dot_product_attention(query, heads(ip_key), heads(ip_value))
             if self.region is None:
                 out = out.add(ip, alpha=ip_scale)
             else:
@@ -152,17 +164,32 @@ def use_face_region_processors(unet) -> int:
     return swapped
 
 
+class _FaceTokens(torch.nn.Module):
+    """Stands in for the Resampler during one call: the UNet would recompute the same 16 tokens every step."""
+
+    def __init__(self, tokens: torch.Tensor):
+        super().__init__()
+        self.tokens = tokens[:, None]  # [batch, 1 image, tokens, cross_dim], the Resampler's output layout
+
+    def forward(self, image_embeds) -> list[torch.Tensor]:
+        return [self.tokens]
+
+
 @contextlib.contextmanager
-def face_region(unet, region: FaceRegion | None) -> Iterator[None]:
-    """Gate the IP attention of every FaceRegionIPAttnProcessor by `region` for one call (None: no gate)."""
+def face_conditioning(unet, tokens: torch.Tensor, region: FaceRegion | None) -> Iterator[None]:
+    """For one pipeline call: the precomputed face tokens instead of the Resampler at every step, the face
+    region (None: no gate) on every FaceRegionIPAttnProcessor, and their per-call key/value caches."""
     processors = [p for p in unet.attn_processors.values() if isinstance(p, FaceRegionIPAttnProcessor)]
+    resampler = unet.encoder_hid_proj
+    unet.encoder_hid_proj = _FaceTokens(tokens)
     for processor in processors:
-        processor.region = region
+        processor.region, processor.cache = region, {}
     try:
         yield
     finally:
+        unet.encoder_hid_proj = resampler
         for processor in processors:
-            processor.region = None
+            processor.region, processor.cache = None, None
 
 
 def _execution_device(pipe) -> torch.device:

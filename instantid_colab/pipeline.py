@@ -28,7 +28,7 @@ from instantid_colab import faces, memory, styles
 from instantid_colab.components import load as load_component
 from instantid_colab.images import open_image
 from instantid_colab.settings import MULTIPLE, check as check_settings
-from instantid_colab.identity import FaceRegion, IdentityNet, _execution_device, face_region, face_tokens, use_face_region_processors
+from instantid_colab.identity import FaceRegion, IdentityNet, _execution_device, face_conditioning, face_tokens, use_face_region_processors
 from instantid_colab.controls import (
     ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Annotations, Control, ControlNets, MultiControlNetModel,
     check_controls, control_map, image_digest, source_image,
@@ -515,7 +515,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
                          strength=settings["init_image"]["strength"])
     text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
-            face_region(pipe.unet, region), _text_encoders_detached(caller):
+            face_conditioning(pipe.unet, tokens, region), _text_encoders_detached(caller):
         latents = caller(
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,

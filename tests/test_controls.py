@@ -186,7 +186,7 @@ def test_doctor_outlook_for_a_free_colab_t4():
     assert [(p.kind, p.variant, p.place) for p in outlook["+pose"]] == [("pose", "full", "gpu")]
     assert [(p.kind, p.variant, p.place) for p in outlook["+all"]] == [
         ("pose", "full", "gpu"), ("canny", "small", "offload"), ("depth", "small", "offload")]
-    assert outlook["+all"][1].render() == "canny ControlNet (small, 0.30 GiB) in RAM, streamed to the GPU each step (slower)"
+    assert outlook["+all"][1].render() == "canny ControlNet (small, 0.31 GiB) in RAM, streamed to the GPU each step (slower)"
     tight = memory.controls_outlook(memory.choose_plan(3.0, 7.5), {"+pose": controls.options(["pose"])}, 7.5, 3.0)
     assert "Not enough memory for the pose ControlNet" in tight["+pose"]
 

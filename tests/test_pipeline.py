@@ -289,3 +289,22 @@ def test_settings_are_checked_before_any_face_analysis(session, monkeypatch):
     monkeypatch.setattr(session.faces, "embed", lambda *a, **k: pytest.fail("face analysis ran"))
     with pytest.raises(settings.SettingsError, match="steps 0 is out of range"):
         pipeline.generate(session, "no-such-photo.jpg", steps=0)
+
+
+def test_face_tokens_and_key_values_are_computed_once_per_call_not_per_step(session, face):
+    """Text and face tokens do not change between steps: the Resampler runs once, each IP layer's
+    face and text keys/values once, whatever the number of steps (the equivalence test checks the numbers)."""
+    processors = [p for p in session.pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    counts = {"resampler": 0, "ip": 0, "text": 0}
+    hooks = [session.pipe.unet.encoder_hid_proj.register_forward_hook(lambda *a: counts.__setitem__("resampler", counts["resampler"] + 1))]
+    hooks += [p.to_k_ip[0].register_forward_hook(lambda *a: counts.__setitem__("ip", counts["ip"] + 1)) for p in processors]
+    attentions = [m for name, m in session.pipe.unet.named_modules() if name.endswith("attn2")]
+    hooks += [m.to_k.register_forward_hook(lambda *a: counts.__setitem__("text", counts["text"] + 1)) for m in attentions]
+    try:
+        pipeline.generate(session, face, seed=14, width=64, height=64, steps=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert counts == {"resampler": 1, "ip": len(processors), "text": len(attentions)}
+    assert all(p.cache is None and p.region is None for p in processors)
+    assert type(session.pipe.unet.encoder_hid_proj).__name__ == "MultiIPAdapterImageProjection"
