@@ -4,7 +4,8 @@
 
 Uses the random full-size weights that bench_generate.py writes (smoke: random weights), our plan
 for a free T4, and prints phase times (synchronised) with and without "enhance non-face region",
-then the ops that took the most GPU time over a few denoising steps.
+the ops that took the most GPU time over a few denoising steps, and the Python functions that took
+the most host time in one whole image (cProfile): where host overhead beyond plain SDXL comes from.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", default="/tmp/bench_weights")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--size", type=int, default=1024)
     args = parser.parse_args()
     root = write_weights(Path(args.weights), tiny=False)
     weights = WeightPaths(base=str(root / "base"), controlnet=root / "InstantID" / "ControlNetModel",
@@ -52,26 +54,37 @@ def main() -> int:
     face = smoke.sample_face_image(512)
     phases: dict[str, float] = {}
     session.faces.embed = timed(phases, "face analysis", session.faces.embed)
+    session.faces.likeness = timed(phases, "likeness", session.faces.likeness)
     pipeline._encode_prompt = timed(phases, "prompt encoding", pipeline._encode_prompt)
     pipeline.decode = timed(phases, "vae decode", pipeline.decode)
     call = type(session.pipe).__call__
     type(session.pipe).__call__ = timed(phases, "denoising", call)
 
-    print(f"{torch.cuda.get_device_name(0)}; {args.steps} steps, 1024x1024, CFG; smoke: random weights")
-    print("| enhance non-face | total s | " + " | ".join(["face analysis", "prompt encoding", "denoising", "vae decode"]) + " |")
-    print("|---|---|---|---|---|---|")
+    names = ("face analysis", "prompt encoding", "denoising", "vae decode", "likeness")
+    size = args.size
+    print(f"{torch.cuda.get_device_name(0)}; {args.steps} steps, {size}x{size}, CFG; smoke: random weights")
+    print("| enhance non-face | total s | " + " | ".join(names) + " | rest |")
+    print("|---|---|---|---|---|---|---|---|")
     for enhance in (True, False, True):  # the first run is the warm-up
         phases.clear()
-        result = pipeline.generate(session, face, "a portrait photo", steps=args.steps, width=1024, height=1024,
+        result = pipeline.generate(session, face, "a portrait photo", steps=args.steps, width=size, height=size,
                                    enhance_non_face=enhance, seed=1)
-        print(f"| {enhance} | {result.seconds:.2f} | " + " | ".join(
-            f"{phases.get(name, 0.0):.2f}" for name in ("face analysis", "prompt encoding", "denoising", "vae decode"))
-              + f" | {'; '.join(result.notices)}")
+        rest = result.seconds - sum(phases.values())
+        print(f"| {enhance} | {result.seconds:.2f} | " + " | ".join(f"{phases.get(name, 0.0):.3f}" for name in names)
+              + f" | {rest:.3f} | {'; '.join(result.notices)}")
+
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(pipeline.generate, session, face, "a portrait photo", steps=args.steps, width=size, height=size,
+                     seed=1)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        pipeline.generate(session, face, "a portrait photo", steps=3, width=1024, height=1024, seed=1)
+        pipeline.generate(session, face, "a portrait photo", steps=3, width=size, height=size, seed=1)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
     return 0

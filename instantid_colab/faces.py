@@ -8,8 +8,10 @@ a person can act on.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from instantid_colab.images import ImageLike, open_image
 RETRY_DET_SIZES = (640, 480, 320, 256)  # after the configured size; cubiq's node also walks down
 PAD_FRACTION = 0.5  # padding per side, as a fraction of the longer side, for the tight-crop retry
 MAX_DETECT_SIDE = 2048  # larger photos are detected on a downscaled copy (memory and time)
+FACE_CACHE = 16  # photos whose face is remembered
 KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
 COMBINE_MODES = ("average", "norm_average", "concat")
 NO_FACE_ADVICE = (
@@ -68,6 +71,9 @@ class Face:
     kps: np.ndarray  # (5, 2) eyes, nose, mouth corners
     embedding: np.ndarray  # (512,) float32, insightface's raw `embedding` (what the official app feeds)
     det_score: float
+
+    def copy(self) -> Face:
+        return Face(self.bbox.copy(), self.kps.copy(), self.embedding.copy(), self.det_score)
 
     @property
     def area(self) -> float:
@@ -153,6 +159,7 @@ class FaceAnalyzer:
 
         folder = _model_dir(root, name)
         self.det_size = det_size
+        self._found: OrderedDict[tuple, Face] = OrderedDict()  # photo -> face: a batch or the app reuses photos
         requested = _providers(device)
         # An absolute folder as `name`: insightface >=2 uses it directly, 0.7.x joins it onto root
         # (os.path.join keeps the absolute part), so neither looks for a download.
@@ -188,6 +195,17 @@ class FaceAnalyzer:
         `retries=False` tries the configured detection size only (no smaller sizes, no padded copy).
         """
         rgb = np.asarray(open_image(image, "face photo"))
+        key = (hashlib.blake2b(rgb.tobytes(), digest_size=16).digest(), rgb.shape, retries)
+        if key in self._found:
+            self._found.move_to_end(key)
+            return self._found[key].copy()
+        face = self._detect(rgb, retries)
+        self._found[key] = face.copy()
+        if len(self._found) > FACE_CACHE:
+            self._found.popitem(last=False)
+        return face
+
+    def _detect(self, rgb: np.ndarray, retries: bool) -> Face:
         scale = min(1.0, MAX_DETECT_SIDE / max(rgb.shape[:2]))
         if scale < 1.0:
             size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))

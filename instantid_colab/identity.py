@@ -150,18 +150,19 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
         return out / attn.rescale_output_factor
 
 
-def use_face_region_processors(unet) -> int:
-    """Swap diffusers' SDPA IP processors for FaceRegionIPAttnProcessor, sharing their weights; returns how many."""
-    processors, swapped = {}, 0
+def use_face_region_processors(unet) -> list[FaceRegionIPAttnProcessor]:
+    """Swap diffusers' SDPA IP processors for FaceRegionIPAttnProcessor, sharing their weights; returns them."""
+    processors = {}
     for name, processor in unet.attn_processors.items():
         if type(processor) is IPAdapterAttnProcessor2_0:
             replacement = FaceRegionIPAttnProcessor(processor.hidden_size, processor.cross_attention_dim,
                                                     processor.num_tokens, processor.scale)
             replacement.to_k_ip, replacement.to_v_ip = processor.to_k_ip, processor.to_v_ip
-            processor, swapped = replacement, swapped + 1
+            processor = replacement
         processors[name] = processor
-    unet.set_attn_processor(processors)
-    return swapped
+    ours = [p for p in processors.values() if isinstance(p, FaceRegionIPAttnProcessor)]
+    unet.set_attn_processor(processors)  # empties the dict it is given
+    return ours
 
 
 class _FaceTokens(torch.nn.Module):
@@ -176,10 +177,11 @@ class _FaceTokens(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def face_conditioning(unet, tokens: torch.Tensor, region: FaceRegion | None) -> Iterator[None]:
+def face_conditioning(unet, processors: list[FaceRegionIPAttnProcessor], tokens: torch.Tensor,
+                      region: FaceRegion | None) -> Iterator[None]:
     """For one pipeline call: the precomputed face tokens instead of the Resampler at every step, the face
-    region (None: no gate) on every FaceRegionIPAttnProcessor, and their per-call key/value caches."""
-    processors = [p for p in unet.attn_processors.values() if isinstance(p, FaceRegionIPAttnProcessor)]
+    region (None: no gate) on `processors` (what use_face_region_processors returned), and their
+    per-call key/value caches."""
     resampler = unet.encoder_hid_proj
     unet.encoder_hid_proj = _FaceTokens(tokens)
     for processor in processors:

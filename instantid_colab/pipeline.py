@@ -71,6 +71,7 @@ class InstantIDSession:
     smoke: bool
     scheduler_config: dict
     load_seconds: float = 0.0
+    ip_processors: list = field(default_factory=list)  # the UNet's FaceRegionIPAttnProcessors
     loras: LoraState = field(default_factory=LoraState)
     controlnets: ControlNets = field(default_factory=ControlNets)
     annotations: Annotations = field(default_factory=Annotations)
@@ -182,7 +183,7 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
     pipe.set_progress_bar_config(disable=not progress)
     with _stage(recorder, "load adapter"):
         adapter.load_adapter(pipe, weights.adapter)
-        use_face_region_processors(pipe.unet)
+        ip_processors = use_face_region_processors(pipe.unet)
     with _stage(recorder, "apply memory plan"):
         memory.apply(plan, pipe)
     with _stage(recorder, "load face analysis"):
@@ -190,7 +191,8 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
         analyzer = faces.FaceAnalyzer(root=weights.face_root, name="antelopev2", device=plan.face_device,
                                       device_index=index)
     return InstantIDSession(pipe=pipe, faces=analyzer, plan=plan, weights=weights, smoke=weights.smoke,
-                            scheduler_config=scheduler_config, load_seconds=time.perf_counter() - started)
+                            scheduler_config=scheduler_config, load_seconds=time.perf_counter() - started,
+                            ip_processors=ip_processors)
 
 
 def _scheduler_config(base: str) -> dict:
@@ -515,7 +517,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
                          strength=settings["init_image"]["strength"])
     text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
-            face_conditioning(pipe.unet, tokens, region), _text_encoders_detached(caller):
+            face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller):
         latents = caller(
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
