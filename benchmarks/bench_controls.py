@@ -72,6 +72,10 @@ def write_controls(root: Path) -> None:
     marker.write_text("{}")
 
 
+def _file(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
+
+
 def run_scenario(name: str, args) -> dict:
     import torch
 
@@ -173,7 +177,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.run:
-        (out / f"controls_{args.run}.json").write_text(json.dumps(run_scenario(args.run, args), indent=2))
+        (out / f"controls_{_file(args.run)}.json").write_text(json.dumps(run_scenario(args.run, args), indent=2))
         return 0
     if args.likeness:
         (out / "likeness.json").write_text(json.dumps(likeness_cost(args), indent=2))
@@ -189,11 +193,11 @@ def main() -> int:
     for name in args.scenarios.split(","):
         done = subprocess.run([sys.executable, __file__, "--run", name, "--out", str(out), "--steps", str(args.steps),
                                "--images", str(args.images), "--weights", args.weights], capture_output=True, text=True)
-        path = out / f"controls_{name}.json"
+        path = out / f"controls_{_file(name)}.json"
         results.append(json.loads(path.read_text()) if done.returncode == 0 and path.is_file() else
                        {"scenario": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
         if "error" in results[-1]:
-            (out / f"controls_{name}.stderr.txt").write_text(done.stderr[-20000:])
+            print(done.stderr[-3000:], flush=True)
         print(json.dumps(results[-1])[:400], flush=True)
     done = subprocess.run([sys.executable, __file__, "--likeness", "--out", str(out), "--weights", args.weights],
                           capture_output=True, text=True)

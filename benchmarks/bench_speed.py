@@ -143,6 +143,10 @@ def run_scenario(name: str, speed: str, args) -> dict:
             "device": torch.cuda.get_device_name(0), "label": "smoke: random weights"}
 
 
+def _file(name: str, speed: str) -> str:
+    return f"{name}-{speed}".replace("+", "-")
+
+
 def table(results: list[dict]) -> str:
     rows = ["| speed | scenario | s/image | x plain | GPU-busy s | busy / wall | first image s | peak VRAM GiB |",
             "|---|---|---|---|---|---|---|---|"]
@@ -173,7 +177,7 @@ def main() -> int:
     if args.run:
         name, _, speed = args.run.partition("@")
         result = run_scenario(name, speed, args)
-        (out / f"speed_{name}@{speed}.json").write_text(json.dumps(result, indent=2))
+        (out / f"speed_{_file(name, speed)}.json").write_text(json.dumps(result, indent=2))
         return 0
 
     from bench_generate import write_weights
@@ -187,11 +191,11 @@ def main() -> int:
             command = [sys.executable, __file__, "--run", f"{name}@{speed}", "--out", str(out), "--steps",
                        str(args.steps), "--images", str(args.images), "--weights", args.weights]
             done = subprocess.run(command, capture_output=True, text=True)
-            path = out / f"speed_{name}@{speed}.json"
+            path = out / f"speed_{_file(name, speed)}.json"
             if done.returncode == 0 and path.is_file():
                 results.append(json.loads(path.read_text()))
             else:
-                (out / f"speed_{name}@{speed}.stderr.txt").write_text(done.stderr[-20000:])
+                print(done.stderr[-3000:], flush=True)
                 results.append({"scenario": name, "speed": speed, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
             print(json.dumps(results[-1])[:300], flush=True)
     (out / "bench_speed.json").write_text(json.dumps(results, indent=2))

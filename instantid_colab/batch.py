@@ -275,12 +275,11 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
     from tqdm.auto import tqdm
 
     from instantid_colab import pipeline
-    from instantid_colab.identity import _execution_device
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     claims = Claims(out)
-    device = str(_execution_device(session.pipe))
+    device = str(session.device)
     already = len({row.key for row in rows} & done_keys(out))
     todo = len(rows) - already
     bar = tqdm(total=-(-todo // processes), desc=f"batch (GPU {process})" if processes > 1 else "batch",

@@ -194,19 +194,22 @@ def face_conditioning(unet, processors: list[FaceRegionIPAttnProcessor], tokens:
             processor.region, processor.cache = None, None
 
 
-def _execution_device(pipe) -> torch.device:
+def execution_device(pipe) -> torch.device:
+    """Where the pipeline computes (with offload hooks: the GPU, not where the weights wait).
+
+    diffusers answers by walking every module of every component; ask once, at load.
+    """
     return getattr(pipe, "_execution_device", None) or pipe.device
 
 
-def face_tokens(pipe, embeds: torch.Tensor) -> torch.Tensor:
-    """Resampler output [batch, tokens, cross_dim] for embeds [batch, 1, seq, 512] (diffusers' layout).
+def face_tokens(pipe, embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Resampler output [batch, tokens, cross_dim] on `device` for embeds [batch, 1, seq, 512] (diffusers' layout).
 
     Runs where the Resampler's weights are now (with offload hooks that is not the execution device;
     the official code breaks there), then moves the tokens to the execution device.
     """
     projection = pipe.unet.encoder_hid_proj
     parameter = next(projection.parameters())
-    device = _execution_device(pipe) if parameter.is_meta else parameter.device
     with torch.no_grad():
-        tokens = projection([embeds.to(device, parameter.dtype)])[0]
-    return tokens[:, 0].to(_execution_device(pipe))
+        tokens = projection([embeds.to(device if parameter.is_meta else parameter.device, parameter.dtype)])[0]
+    return tokens[:, 0].to(device)

@@ -144,6 +144,8 @@ class LoraState:
         requested = {adapter_name(path): (path, scale) for path, scale in wanted}
         if lcm is not None:
             requested[LCM_ADAPTER] = (lcm, 1.0)
+        if not requested and not self.active:
+            return  # nothing asked, nothing on: asking diffusers would walk every module
         added = []
         try:
             for name, (path, _) in requested.items():

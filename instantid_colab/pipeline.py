@@ -28,7 +28,9 @@ from instantid_colab import faces, memory, styles
 from instantid_colab.components import load as load_component
 from instantid_colab.images import open_image
 from instantid_colab.settings import MULTIPLE, check as check_settings
-from instantid_colab.identity import FaceRegion, IdentityNet, _execution_device, face_conditioning, face_tokens, use_face_region_processors
+from instantid_colab.identity import (
+    FaceRegion, IdentityNet, execution_device, face_conditioning, face_tokens, use_face_region_processors,
+)
 from instantid_colab.controls import (
     ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Annotations, Control, ControlNets, MultiControlNetModel,
     check_controls, control_map, image_digest, source_image,
@@ -72,6 +74,7 @@ class InstantIDSession:
     scheduler_config: dict
     load_seconds: float = 0.0
     ip_processors: list = field(default_factory=list)  # the UNet's FaceRegionIPAttnProcessors
+    device: Any = None  # where the pipeline computes (identity.execution_device, asked once)
     loras: LoraState = field(default_factory=LoraState)
     controlnets: ControlNets = field(default_factory=ControlNets)
     annotations: Annotations = field(default_factory=Annotations)
@@ -192,7 +195,7 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
                                       device_index=index)
     return InstantIDSession(pipe=pipe, faces=analyzer, plan=plan, weights=weights, smoke=weights.smoke,
                             scheduler_config=scheduler_config, load_seconds=time.perf_counter() - started,
-                            ip_processors=ip_processors)
+                            ip_processors=ip_processors, device=execution_device(pipe))
 
 
 def _scheduler_config(base: str) -> dict:
@@ -239,7 +242,7 @@ def face_box_mask(bbox: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def _encode_prompt(pipe, prompt: str, negative_prompt: str, do_cfg: bool) -> dict[str, torch.Tensor]:
+def _encode_prompt(pipe, device: torch.device, prompt: str, negative_prompt: str, do_cfg: bool) -> dict[str, torch.Tensor]:
     """Text embeddings in the UNet's dtype on the execution device.
 
     Encoded here rather than inside the pipeline call because a plan may keep the text encoders on
@@ -248,13 +251,13 @@ def _encode_prompt(pipe, prompt: str, negative_prompt: str, do_cfg: bool) -> dic
     """
     encoder = pipe.text_encoder_2
     on_cpu = not hasattr(encoder, "_hf_hook") and encoder.device.type == "cpu"
-    device = encoder.device if on_cpu else _execution_device(pipe)
+    encode_on = encoder.device if on_cpu else device
     with torch.no_grad():
-        embeds = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+        embeds = pipe.encode_prompt(prompt=prompt, device=encode_on, num_images_per_prompt=1,
                                     do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    target, dtype = _execution_device(pipe), pipe.unet.dtype
-    return {name: tensor.to(target, dtype) for name, tensor in zip(names, embeds) if tensor is not None}
+    dtype = pipe.unet.dtype
+    return {name: tensor.to(device, dtype) for name, tensor in zip(names, embeds) if tensor is not None}
 
 
 @contextlib.contextmanager
@@ -312,7 +315,7 @@ def _extra_controlnets(session: InstantIDSession, kinds: list[str], width: int, 
         available += session.controlnets.gib_on_gpu()  # what the nets already loaded would give back
     placements = memory.plan_controls(session.plan, controls.options(kinds), available,
                                       psutil.virtual_memory().available / memory.GIB, width, height, num)
-    models = session.controlnets.prepare(placements, session.controlnet_folder, str(_execution_device(session.pipe)),
+    models = session.controlnets.prepare(placements, session.controlnet_folder, str(session.device),
                                          session.pipe.unet.dtype)
     return placements, models
 
@@ -479,7 +482,8 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         if placement.place == "offload":
             notices.append(f"The {placement.render()}: the GPU had no room for it.")
     pipe.scheduler = _make_scheduler("LCM" if lcm else settings["scheduler"], session.scheduler_config)
-    pipe.set_ip_adapter_scale(settings["adapter_strength"])
+    for processor in session.ip_processors:  # what set_ip_adapter_scale does, without walking the UNet again
+        processor.scale = [settings["adapter_strength"]]
 
     embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(1, 1, -1, 512)
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -489,8 +493,8 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
     ip_embeds = torch.cat([negative, embeds]) if do_cfg else embeds
     per_image = torch.cat([ip_embeds[i:i + 1].repeat(num, 1, 1, 1) for i in range(ip_embeds.shape[0])])
-    tokens = face_tokens(pipe, per_image)
-    region = None if mask is None else FaceRegion(torch.from_numpy(mask).to(_execution_device(pipe)))
+    tokens = face_tokens(pipe, per_image, session.device)
+    region = None if mask is None else FaceRegion(torch.from_numpy(mask).to(session.device))
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
     def on_step_end(_pipe, step, _timestep, tensors):
@@ -515,7 +519,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         caller = session.img2img()
         arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=images,
                          strength=settings["init_image"]["strength"])
-    text = _encode_prompt(pipe, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
+    text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
             face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller):
         latents = caller(
