@@ -35,13 +35,17 @@ GIB = 2**30
 PROMPT = "a portrait photo of a person in a garden"
 
 
+_GREEN_CONTEXT = []  # kept alive for the process: a collected green context destroys the CUDA context
+
+
 def _enter_speed(speed: str) -> None:
     import torch
 
     if speed == "10sm":
         from torch.cuda.green_contexts import GreenContext
 
-        GreenContext.create(num_sms=10, device_id=0).set_context()
+        _GREEN_CONTEXT.append(GreenContext.create(num_sms=10, device_id=0))
+        _GREEN_CONTEXT[0].set_context()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total))
 
