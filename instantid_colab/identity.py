@@ -29,7 +29,7 @@ class FaceRegion:
     """The face box (1 inside, 0 outside) at output resolution, resized the official way for each consumer."""
 
     def __init__(self, mask: torch.Tensor):
-        """mask: [height, width] of 0/1 values, on the execution device."""
+        """mask: [height, width] of 0/1 values (`pipeline.face_box_mask`), on the CPU; each use moves its own copy."""
         self.mask = mask
         self._resized: dict[tuple, torch.Tensor] = {}
 
@@ -41,17 +41,17 @@ class FaceRegion:
             self._resized[key] = F.interpolate(box, size=residual.shape[-2:], mode="bilinear")
         return self._resized[key]
 
-    def attention_weight(self, num_queries: int, scale: float, like: torch.Tensor) -> torch.Tensor:
-        """[1, 1, num_queries, 1] = scale x mask for an attention map: nearest, with the official ratio arithmetic."""
-        key = ("attention", num_queries, scale, like.dtype, like.device)
+    def attention_rows(self, num_queries: int, device: torch.device) -> torch.Tensor:
+        """Indices of the attention-map positions inside the face: the official mask, resized with nearest
+        and the official ratio arithmetic, is 1 there and 0 everywhere else."""
+        key = ("attention", num_queries, device)
         if key not in self._resized:
             height, width = self.mask.shape
             ratio = (height * width / num_queries) ** 0.5
-            box = self.mask[None, None].to(like.device, like.dtype)
-            resized = F.interpolate(box, scale_factor=1 / ratio, mode="nearest").reshape(1, 1, -1, 1)
-            if resized.shape[2] != num_queries:
+            resized = F.interpolate(self.mask[None, None].float(), scale_factor=1 / ratio, mode="nearest").reshape(-1)
+            if resized.numel() != num_queries:
                 raise ValueError(f"face mask {height}x{width} does not tile an attention map of {num_queries} queries")
-            self._resized[key] = resized * scale
+            self._resized[key] = torch.nonzero(resized).reshape(-1).to(device)
         return self._resized[key]
 
 
@@ -99,7 +99,8 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
     and the separate mask/scale/add kernels cost launches on every layer of every step. Being an
     IPAdapterAttnProcessor2_0, it keeps diffusers' weights, `set_ip_adapter_scale` and unloading; any
     case it does not cover (attention masks, spatial/group norm, several adapters) goes to diffusers.
-    Output = to_out(text attention + scale x region x IP attention), one SDPA call each. Inside
+    Output = to_out(text attention + scale x region x IP attention), one SDPA call each; as the region
+    is 0 outside the face box, the IP attention is computed for the positions inside it only. Inside
     `face_conditioning` the keys and values of the text and of the face tokens, which do not change
     between steps, are computed at the first step and reused (the outputs are the same numbers).
     """
@@ -138,11 +139,13 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
         if ip_scale != 0:
             tokens = face_tokens.reshape(batch, -1, face_tokens.shape[-1])
             ip_key, ip_value = self._key_value("face", tokens, self.to_k_ip[0], self.to_v_ip[0])
-            ip = F.scaled_dot_product_attention(query, heads(ip_key), heads(ip_value))
+            ip_key, ip_value = heads(ip_key), heads(ip_value * ip_scale)  # attention is linear in the values
             if self.region is None:
-                out = out.add(ip, alpha=ip_scale)
-            else:
-                out = torch.addcmul(out, ip, self.region.attention_weight(queries, ip_scale, ip))
+                out = out + F.scaled_dot_product_attention(query, ip_key, ip_value)
+            else:  # the official mask is 0 outside the face: attend from the face's positions only
+                rows = self.region.attention_rows(queries, query.device)
+                if rows.numel():
+                    out.index_add_(2, rows, F.scaled_dot_product_attention(query.index_select(2, rows), ip_key, ip_value))
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

@@ -49,6 +49,7 @@ ADAPTER_LOAD_TRANSIENT = 1.6  # ip-adapter.bin is a 1.69 GB fp32 pickle, read in
 DENOISE_PER_MPIX_SAMPLE = 0.5  # UNet+ControlNet activations per megapixel per sample (CFG = 2 samples)
 DECODE_FP32_PER_MPIX = 4.0  # untiled fp32 VAE decode spike per megapixel per decoded image
 DECODE_TILED = 1.0  # tiled decode with 512-pixel tiles: independent of the image size
+DECODE_FP16_PER_MPIX = DECODE_FP32_PER_MPIX / 2  # the fp16-fixed VAE decodes in half precision
 VAE_TILE_PIXELS = 512
 VRAM_MARGIN = 0.5
 RAM_MARGIN = 0.5
@@ -542,6 +543,18 @@ def controls_outlook(plan: MemoryPlan, combinations: dict[str, dict[str, list[tu
         except MemoryError as error:
             outlook[name] = str(error)
     return outlook
+
+
+def untiled_decode_fits(pixels: int, images: int, dtype_bytes: int) -> bool:
+    """Whether an untiled VAE decode of `images` pictures of `pixels` each fits in the VRAM free now.
+
+    The plan turns tiling on when the decode peak might not fit beside everything else at the worst
+    moment; after denoising, the activations are free again, and an untiled decode is faster (tiles
+    overlap and are blended on the host). No GPU: False (tiling settings stay as they are).
+    """
+    available = vram_available_gib()
+    per_mpix = DECODE_FP16_PER_MPIX if dtype_bytes == 2 else DECODE_FP32_PER_MPIX
+    return available is not None and per_mpix * pixels / 1024**2 * images <= available - VRAM_MARGIN
 
 
 def vram_available_gib(index: int | None = None) -> float | None:

@@ -331,6 +331,21 @@ def _using_controlnet(pipe, controlnet):
         pipe.register_modules(controlnet=own)
 
 
+@contextlib.contextmanager
+def _untiled_when_it_fits(vae, latents: torch.Tensor):
+    """The plan's VAE tiling off for this decode when the VRAM free now holds the untiled one."""
+    images = 1 if getattr(vae, "use_slicing", False) else latents.shape[0]
+    pixels = latents.shape[-2] * latents.shape[-1] * 64
+    if not getattr(vae, "use_tiling", False) or not memory.untiled_decode_fits(pixels, images, vae.dtype.itemsize):
+        yield
+        return
+    vae.use_tiling = False  # the flag itself: enable_/disable_tiling changed signatures across diffusers versions
+    try:
+        yield
+    finally:
+        vae.use_tiling = True
+
+
 def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
     """Latents -> images in [-1, 1]; a NaN/inf decode is redone in float32 with tiling (and said so)."""
     vae = pipe.vae
@@ -341,8 +356,9 @@ def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
         latents = latents * std / config.scaling_factor + mean
     else:
         latents = latents / config.scaling_factor
-    with torch.no_grad():
+    with torch.no_grad(), _untiled_when_it_fits(vae, latents):
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    with torch.no_grad():
         if torch.isfinite(image).all():
             return image.float()
         dtype, tiling = vae.dtype, getattr(vae, "use_tiling", False)
@@ -494,7 +510,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     ip_embeds = torch.cat([negative, embeds]) if do_cfg else embeds
     per_image = torch.cat([ip_embeds[i:i + 1].repeat(num, 1, 1, 1) for i in range(ip_embeds.shape[0])])
     tokens = face_tokens(pipe, per_image, session.device)
-    region = None if mask is None else FaceRegion(torch.from_numpy(mask).to(session.device))
+    region = None if mask is None else FaceRegion(torch.from_numpy(mask))
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
     def on_step_end(_pipe, step, _timestep, tensors):
