@@ -152,17 +152,26 @@ def _file(name: str, speed: str) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| speed | scenario | s/image | x plain | GPU-busy s | busy / wall | first image s | peak VRAM GiB |",
-            "|---|---|---|---|---|---|---|---|"]
-    plain = {r["speed"]: r["seconds_per_image"] for r in results if r.get("scenario") == "plain" and "error" not in r}
-    for r in results:
-        if "error" in r:
-            rows.append(f"| {r['speed']} | {r['scenario']} | failed: {r['error'][-150:]} | | | | | |")
+    """One row per (speed, scenario): medians over the rounds; `x plain` per round, then their median."""
+    rows = ["| speed | scenario | rounds | s/image | x plain (per round) | x plain | GPU-busy s | busy / wall | "
+            "first image s | peak VRAM GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    ok = [r for r in results if "error" not in r]
+    plain = {(r["speed"], r["round"]): r["seconds_per_image"] for r in ok if r["scenario"] == "plain"}
+    keys = list(dict.fromkeys((r["speed"], r["scenario"]) for r in results))
+    for speed, name in keys:
+        runs = [r for r in ok if (r["speed"], r["scenario"]) == (speed, name)]
+        failed = [r for r in results if "error" in r and (r["speed"], r["scenario"]) == (speed, name)]
+        if not runs:
+            rows.append(f"| {speed} | {name} | 0 | failed: {failed[0]['error'][-150:]} | | | | | | |")
             continue
-        ratio = f"{r['seconds_per_image'] / plain[r['speed']]:.3f}" if r["speed"] in plain else "-"
-        rows.append(f"| {r['speed']} | {r['scenario']} | {r['seconds_per_image']:.2f} | {ratio} | {r['gpu_busy_seconds']:.2f} | "
-                    f"{r['gpu_busy_seconds'] / r['seconds_per_image']:.2f} | {r['first_image_seconds']:.1f} | "
-                    f"{r['peak_vram_reserved_gib']:.2f} |")
+        ratios = [r["seconds_per_image"] / plain[(speed, r["round"])] for r in runs if (speed, r["round"]) in plain]
+        wall = statistics.median(r["seconds_per_image"] for r in runs)
+        busy = statistics.median(r["gpu_busy_seconds"] for r in runs)
+        rows.append(f"| {speed} | {name} | {len(runs)} | {wall:.2f} | {', '.join(f'{x:.2f}' for x in ratios) or '-'} | "
+                    f"{statistics.median(ratios):.3f} | {busy:.2f} | {busy / wall:.2f} | "
+                    f"{statistics.median(r['first_image_seconds'] for r in runs):.1f} | "
+                    f"{max(r['peak_vram_reserved_gib'] for r in runs):.2f} |" if ratios else
+                    f"| {speed} | {name} | {len(runs)} | {wall:.2f} | - | - | {busy:.2f} | {busy / wall:.2f} | - | - |")
     return "\n".join(rows)
 
 
@@ -174,6 +183,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=2, help="timed images after one warm-up")
     parser.add_argument("--weights", default="/tmp/bench_weights")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole list, interleaved (noisy machines)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -190,21 +200,30 @@ def main() -> int:
     write_weights(Path(args.weights), tiny=False)
     print(f"weights ready in {time.perf_counter() - started:.0f} s", flush=True)
     results = []
-    for speed in args.speeds.split(","):
-        for name in args.scenarios.split(","):
-            command = [sys.executable, __file__, "--run", f"{name}@{speed}", "--out", str(out), "--steps",
-                       str(args.steps), "--images", str(args.images), "--weights", args.weights]
-            done = subprocess.run(command, capture_output=True, text=True)
-            path = out / f"speed_{_file(name, speed)}.json"
-            if done.returncode == 0 and path.is_file():
-                results.append(json.loads(path.read_text()))
-            else:
-                print(done.stderr[-3000:], flush=True)
-                results.append({"scenario": name, "speed": speed, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
-            print(json.dumps(results[-1])[:300], flush=True)
+    for round_ in range(args.rounds):
+        for speed in args.speeds.split(","):
+            results += _round(args, out, speed, round_)
     (out / "bench_speed.json").write_text(json.dumps(results, indent=2))
     print(table(results))
     return 0
+
+
+def _round(args, out: Path, speed: str, round_: int) -> list[dict]:
+    """Every scenario once at `speed`, each in its own process."""
+    results = []
+    for name in args.scenarios.split(","):
+        command = [sys.executable, __file__, "--run", f"{name}@{speed}", "--out", str(out), "--steps",
+                   str(args.steps), "--images", str(args.images), "--weights", args.weights]
+        done = subprocess.run(command, capture_output=True, text=True)
+        path = out / f"speed_{_file(name, speed)}.json"
+        if done.returncode == 0 and path.is_file():
+            results.append({**json.loads(path.read_text()), "round": round_})
+        else:
+            print(done.stderr[-3000:], flush=True)
+            results.append({"scenario": name, "speed": speed, "round": round_,
+                            "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+        print(json.dumps(results[-1])[:300], flush=True)
+    return results
 
 
 if __name__ == "__main__":
