@@ -33,3 +33,13 @@ def load(cls: type, path: str | Path, device: str, dtype: torch.dtype, **kwargs)
             target = torch.device("cuda", torch.cuda.current_device())
         options["device_map"] = {"": target}
     return cls.from_pretrained(path, **options, **kwargs)
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """A model's dtype from its first parameter: diffusers' `.dtype` walks every module, every time."""
+    return next(model.parameters()).dtype
+
+
+def parameter_device(model: torch.nn.Module) -> torch.device:
+    """A model's device from its first parameter (`.device` walks every module too)."""
+    return next(model.parameters()).device

@@ -83,7 +83,7 @@ class IdentityNet(ControlNetModel):
         tokens = self._face_tokens
         if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
             tokens = tokens[-sample.shape[0]:]
-        down, mid = super().forward(sample, timestep, tokens.to(sample.device, self.dtype), controlnet_cond,
+        down, mid = super().forward(sample, timestep, tokens.to(sample.device, self.conv_in.weight.dtype), controlnet_cond,
                                     conditioning_scale, *args, return_dict=False, **kwargs)
         if self._region is not None:
             down = [residual * self._region.residual_weight(residual) for residual in down]

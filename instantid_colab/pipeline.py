@@ -25,7 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from instantid_colab import faces, memory, styles
-from instantid_colab.components import load as load_component
+from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
 from instantid_colab.settings import MULTIPLE, check as check_settings
 from instantid_colab.identity import (
@@ -250,13 +250,14 @@ def _encode_prompt(pipe, device: torch.device, prompt: str, negative_prompt: str
     the wrong device and every version hands their float32 output to the float16 UNet.
     """
     encoder = pipe.text_encoder_2
-    on_cpu = not hasattr(encoder, "_hf_hook") and encoder.device.type == "cpu"
-    encode_on = encoder.device if on_cpu else device
+    encoder_device = parameter_device(encoder)
+    on_cpu = not hasattr(encoder, "_hf_hook") and encoder_device.type == "cpu"
+    encode_on = encoder_device if on_cpu else device
     with torch.no_grad():
         embeds = pipe.encode_prompt(prompt=prompt, device=encode_on, num_images_per_prompt=1,
                                     do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt)
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    dtype = pipe.unet.dtype
+    dtype = parameter_dtype(pipe.unet)
     return {name: tensor.to(device, dtype) for name, tensor in zip(names, embeds) if tensor is not None}
 
 
@@ -268,7 +269,7 @@ def _text_encoders_detached(pipe):
     CPU and a float16 UNet that cast would break the UNet. Without encoders it casts to the UNet's dtype.
     """
     encoders = (pipe.text_encoder, pipe.text_encoder_2)
-    if pipe.text_encoder_2 is None or pipe.text_encoder_2.dtype == pipe.unet.dtype:
+    if pipe.text_encoder_2 is None or parameter_dtype(pipe.text_encoder_2) == parameter_dtype(pipe.unet):
         yield
         return
     pipe.register_modules(text_encoder=None, text_encoder_2=None)
@@ -316,7 +317,7 @@ def _extra_controlnets(session: InstantIDSession, kinds: list[str], width: int, 
     placements = memory.plan_controls(session.plan, controls.options(kinds), available,
                                       psutil.virtual_memory().available / memory.GIB, width, height, num)
     models = session.controlnets.prepare(placements, session.controlnet_folder, str(session.device),
-                                         session.pipe.unet.dtype)
+                                         parameter_dtype(session.pipe.unet))
     return placements, models
 
 
@@ -336,7 +337,8 @@ def _untiled_when_it_fits(vae, latents: torch.Tensor):
     """The plan's VAE tiling off for this decode when the VRAM free now holds the untiled one."""
     images = 1 if getattr(vae, "use_slicing", False) else latents.shape[0]
     pixels = latents.shape[-2] * latents.shape[-1] * 64
-    if not getattr(vae, "use_tiling", False) or not memory.untiled_decode_fits(pixels, images, vae.dtype.itemsize):
+    if not getattr(vae, "use_tiling", False) or not memory.untiled_decode_fits(pixels, images,
+                                                                               parameter_dtype(vae).itemsize):
         yield
         return
     vae.use_tiling = False  # the flag itself: enable_/disable_tiling changed signatures across diffusers versions
@@ -357,11 +359,11 @@ def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
     else:
         latents = latents / config.scaling_factor
     with torch.no_grad(), _untiled_when_it_fits(vae, latents):
-        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        image = vae.decode(latents.to(parameter_dtype(vae)), return_dict=False)[0]
     with torch.no_grad():
         if torch.isfinite(image).all():
             return image.float()
-        dtype, tiling = vae.dtype, getattr(vae, "use_tiling", False)
+        dtype, tiling = parameter_dtype(vae), getattr(vae, "use_tiling", False)
         vae.to(dtype=torch.float32)
         vae.enable_tiling()
         try:
@@ -541,7 +543,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         latents = caller(
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
-            ip_adapter_image_embeds=[ip_embeds.to(pipe.unet.dtype)], generator=generator, output_type="latent",
+            ip_adapter_image_embeds=[ip_embeds.to(parameter_dtype(pipe.unet))], generator=generator, output_type="latent",
             callback_on_step_end=on_step_end,
         ).images
     decoded = decode(pipe, latents, notices)
