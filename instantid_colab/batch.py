@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,34 +287,46 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                unit="row", disable=not progress)
     made = failed = 0
     started = time.perf_counter()
-    while (row := claims.take(rows)) is not None:
-        row_started = time.perf_counter()
-        line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "process": process,
-                                "pid": os.getpid(), "device": device}
-        try:
-            result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
-        except (ValueError, pipeline.OutOfMemory, MemoryError) as error:  # a face not found, a bad LoRA, ...
-            line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
-            claims.finish(row, line)
-            failed += 1
+    # PNG compression is host work: the previous row is written while the GPU makes the next one.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as writer:
+        writing = None
+        while (row := claims.take(rows)) is not None:
+            row_started = time.perf_counter()
+            line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "process": process,
+                                    "pid": os.getpid(), "device": device}
+            try:
+                result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
+            except (ValueError, pipeline.OutOfMemory, MemoryError) as error:  # a face not found, a bad LoRA, ...
+                line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
+                claims.finish(row, line)
+                failed += 1
+                bar.update()
+                continue
+            line.update(status="done", seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
+                        identity_similarity=[likeness.similarity for likeness in result.likeness],
+                        settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
+            if writing is not None:
+                writing.result()  # at most one row waits to be written
+            writing = writer.submit(_write, claims, row, line, result.images, out)
+            made += 1
             bar.update()
-            continue
-        files = []
-        for index, image in enumerate(result.images):
-            suffix = f"-{index}" if len(result.images) > 1 else ""
-            files.append(str(pipeline.save_png(image, out / f"{row.name}{suffix}.png")))
-        line.update(status="done", files=files, seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
-                    identity_similarity=[likeness.similarity for likeness in result.likeness],
-                    settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
-        claims.finish(row, line)
-        made += 1
-        bar.update()
-        if on_row is not None:
-            on_row(row, result)
+            if on_row is not None:
+                on_row(row, result)
+        if writing is not None:
+            writing.result()
     bar.close()
     with claims.locked():
         contact_sheet(out, rows, session.label)
     return BatchReport(len(rows), made, already, failed, time.perf_counter() - started, out)
+
+
+def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Path) -> None:
+    """The row's PNGs, then its results line (a row is done only once its pictures are on disk)."""
+    from instantid_colab import pipeline
+
+    line["files"] = [str(pipeline.save_png(image, out / f"{row.name}{f'-{index}' if len(images) > 1 else ''}.png"))
+                     for index, image in enumerate(images)]
+    claims.finish(row, line)
 
 
 def _keywords(values: dict[str, Any]) -> dict[str, Any]:
