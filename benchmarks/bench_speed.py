@@ -7,7 +7,8 @@ Each scenario runs in its own process, capped at 14.75 GiB like a free Colab T4,
            ControlNet fed the text, no adapter, no face analysis: what InstantID costs is measured against it
   ours     pipeline.generate with the plan a free T4 gets (face analysis and the likeness score included)
   seeds    the seeds' recipe: model CPU offload, attention and VAE slicing, the official non-SDPA processors
-  ours+channels_last / ours+fuse_self_attention / ours+compile: ours with one option of instantid_colab.speed
+(Channels-last activations and fused self-attention QKV were measured with this script and not kept:
+BENCHMARKS.md.)
 Speeds: `full` is the whole GPU; `10sm` runs the process on 10 streaming multiprocessors through a CUDA
 green context, made before any CUDA work: GPU-bound like a T4 (40 SMs of a slower generation).
 Reported per scenario: the median wall seconds per image over the timed images (after a warm-up), and
@@ -102,7 +103,7 @@ def _ours(root: Path, steps: int, name: str):
     from dataclasses import replace
 
     from bench_generate import T4_RAM_GIB, T4_VRAM_GIB, official_processors
-    from instantid_colab import memory, pipeline, smoke, speed
+    from instantid_colab import memory, pipeline, smoke
 
     plan = memory.choose_plan(T4_RAM_GIB, T4_VRAM_GIB)
     weights = _weights(root)
@@ -114,9 +115,6 @@ def _ours(root: Path, steps: int, name: str):
     if name == "seeds":
         official_processors(session.pipe)
         session.pipe.controlnet.set_attention_slice("auto")
-    option = name.partition("+")[2]
-    if option:
-        getattr(speed, option if option != "compile" else "compile_blocks")(session.pipe)
     face = smoke.sample_face_image(512)
 
     def make(seed: int):

@@ -195,7 +195,9 @@ class FaceAnalyzer:
         `retries=False` tries the configured detection size only (no smaller sizes, no padded copy).
         """
         rgb = np.asarray(open_image(image, "face photo"))
-        key = (hashlib.blake2b(rgb.tobytes(), digest_size=16).digest(), rgb.shape, retries)
+        if not retries:  # a generated picture: never seen before, not worth remembering
+            return self._detect(rgb, retries)
+        key = (hashlib.blake2b(rgb.tobytes(), digest_size=16).digest(), rgb.shape)
         if key in self._found:
             self._found.move_to_end(key)
             return self._found[key].copy()
