@@ -435,8 +435,10 @@ def launch(
     auth: str | tuple[str, str] | None = None,
     port: int | None = None,
     block: bool = True,
+    inline: bool | None = None,
 ) -> Launched:
     """Serve the app. `share=None` lets gradio decide: a public link on Colab, local elsewhere.
+    `inline=None` lets gradio show it in a notebook's output; False leaves the display to the caller.
 
     Share links are public: pass `auth="user:password"` so strangers cannot use your GPU.
     """
@@ -449,6 +451,7 @@ def launch(
         server_port=port,
         prevent_thread_lock=True,
         show_error=True,
+        inline=inline,
         **_accepted(app.launch, max_file_size=MAX_UPLOAD_FILE),
     )
     if share_url and credentials is None:

@@ -24,13 +24,14 @@ def _doctor(args: argparse.Namespace) -> int:
     from instantid_colab import environment, memory
 
     env = environment.report()
-    problems = environment.check(env)
+    problems, notes = environment.check(env), environment.untested(env)
     snap = memory.snapshot()
     plan = memory.plan_for_this_machine()
     outlook = _controls_outlook(plan, snap.gpus[0].free_gib if snap.gpus else None,
                                 psutil.virtual_memory().available / memory.GIB)
     if args.json:
-        environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems]}
+        environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems],
+                            "notes": [vars(note) for note in notes]}
         controls_dict = {name: value if isinstance(value, str) else [vars(p) for p in value]
                          for name, value in outlook.items()}
         print(json.dumps({"environment": environment_dict, "memory": snap.to_dict(), "plan": plan.to_dict(),
@@ -38,7 +39,7 @@ def _doctor(args: argparse.Namespace) -> int:
     else:
         lines = [f"{name}: " + (value if isinstance(value, str) else "; ".join(p.render() for p in value))
                  for name, value in outlook.items()]
-        print(env.render(), "", *(problem.render() for problem in problems), "", snap.render(), "", plan.render(),
+        print(env.render(), "", *(problem.render() for problem in problems + notes), "", snap.render(), "", plan.render(),
               "", "Extra ControlNets (estimate, 1024x1024):", *lines, sep="\n")
         if not problems:
             print("\nNo problems found.")

@@ -44,38 +44,64 @@ class Requirement:
 REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("torch", "torch", "2.6", "preinstalled", "Colab's build matches its CUDA driver"),
     Requirement("numpy", "numpy", "1.26", "preinstalled", "compiled packages are built against it"),
-    Requirement("diffusers", "diffusers", "0.30", "install", "SDXL ControlNet pipeline, IP-Adapter loading"),
-    Requirement("transformers", "transformers", "4.41.2", "install", "SDXL text encoders"),
+    Requirement("diffusers", "diffusers", "0.31", "install",
+                "SDXL ControlNet pipeline, IP-Adapter loading (0.30 fails to load an adapter without an image encoder)"),
+    Requirement("transformers", "transformers", "4.48.0", "install", "SDXL text encoders, ViTPose and Depth Anything annotators"),
     Requirement("accelerate", "accelerate", "0.31", "install", "low-memory loading and offload hooks"),
-    Requirement("huggingface-hub", "huggingface_hub", "0.25", "install", "weight downloads"),
+    Requirement("huggingface-hub", "huggingface_hub", "0.28.1", "install", "weight downloads (gradio 5.22 needs 0.28.1)"),
     Requirement("safetensors", "safetensors", "0.4.3", "install", "weights loaded straight to the GPU"),
-    Requirement("psutil", "psutil", "5.9", "install", "memory measurements"),
+    Requirement("psutil", "psutil", "5.9.4", "install", "memory measurements"),
     Requirement("packaging", "packaging", "22.0", "install", "version checks"),
-    Requirement("pillow", "PIL", "9.1", "install", "images"),
+    Requirement("pillow", "PIL", "9.5", "install", "images (pillow-heif 0.16 needs 9.5)"),
     Requirement("pillow-heif", "pillow_heif", "0.16", "install", "HEIC/HEIF photos from phones"),
-    Requirement("gradio", "gradio", "5.0", "install", "the app"),
-    Requirement("peft", "peft", "0.6", "install", "LCM-LoRA fast mode (diffusers loads LoRAs through peft)"),
+    Requirement("gradio", "gradio", "5.22", "install", "the app (older 5.x crash at launch with pydantic >= 2.11)"),
+    Requirement("peft", "peft", "0.6.2", "install", "LoRAs and LCM-LoRA (diffusers wants peft newer than 0.6.0)"),
     Requirement(
         "onnxruntime", "onnxruntime", "1.19", "onnxruntime",
         "face analysis; >=1.19 wheels are built for CUDA 12 + cuDNN 9 like Colab's torch",
         alternatives=("onnxruntime-gpu",),
     ),
     Requirement(
-        "insightface", "insightface", "1.0", "install-no-deps",
+        "insightface", "insightface", "2.0", "install-no-deps",
         "face detection and ArcFace embedding; 0.7.3 is sdist-only and compiles C++ on install",
     ),
     # insightface's own requirements, installed by us because insightface goes in with --no-deps:
     # it declares the CPU `onnxruntime`, which would land beside onnxruntime-gpu on a CUDA machine.
     Requirement("onnx", "onnx", "1.13", "install", "required by insightface"),
     Requirement(
-        "opencv-python", "cv2", "4.5", "install", "required by insightface; keypoint drawing",
+        "opencv-python", "cv2", "4.5.5.64", "install", "required by insightface; keypoint drawing",
         alternatives=("opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"),
     ),
-    Requirement("scikit-image", "skimage", "0.19", "install", "required by insightface (face alignment)"),
-    Requirement("scipy", "scipy", "1.9", "install", "required by insightface"),
-    Requirement("tqdm", "tqdm", "4.60", "install", "required by insightface; progress bars"),
+    Requirement("scikit-image", "skimage", "0.20", "install", "required by insightface (face alignment)"),
+    Requirement("scipy", "scipy", "1.11.2", "install", "required by insightface (older ones refuse numpy 1.26)"),
+    Requirement("tqdm", "tqdm", "4.63", "install", "progress bars; 4.63 falls back to text bars in a notebook without ipywidgets"),
     Requirement("requests", "requests", "2.25", "install", "required by insightface"),
 )
+
+# The newest versions the whole test suite passed with (.ci/run's `tests` stage on 2026-11-24). The
+# oldest are the floors above (its `floors` stage), except torch: CI reaches only torch 2.13.0 on the
+# CPU; the GPU benchmarks ran torch 2.11. Raise these when CI has passed with newer releases.
+TESTED_NEWEST: dict[str, str] = {
+    "torch": "2.13.0", "numpy": "2.4.6", "diffusers": "0.42.1", "transformers": "5.23.0", "accelerate": "1.15.0",
+    "huggingface-hub": "2.4.0", "safetensors": "0.8.0", "psutil": "7.2.2", "packaging": "26.2", "pillow": "12.3.0",
+    "pillow-heif": "1.8.1", "gradio": "6.31.0", "peft": "0.21.2", "onnxruntime": "1.32.0", "insightface": "2.1",
+    "onnx": "1.23.2", "opencv-python": "5.0.0.93", "scikit-image": "0.26.0", "scipy": "1.17.1", "tqdm": "4.70.1",
+    "requests": "2.34.2",
+}
+TESTED_OLDEST_TORCH = "2.11"
+
+
+def tested_range(row: Requirement) -> tuple[str, str]:
+    """(oldest, newest) version of `row` the project has run with."""
+    return (TESTED_OLDEST_TORCH if row.distribution == "torch" else row.minimum), TESTED_NEWEST[row.distribution]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    try:
+        return Version(version).release
+    except InvalidVersion:
+        return ()
+
 
 # Never changed by the installer: pinned with a pip constraints file to the installed versions.
 PINNED: tuple[str, ...] = ("torch", "torchvision", "torchaudio", "numpy")
@@ -157,9 +183,11 @@ class EnvironmentReport:
         for index, gpu in enumerate(self.gpus):
             major, minor = gpu.compute_capability
             lines.append(f"GPU {index}: {gpu.name}, compute capability {major}.{minor}, {gpu.total_gib:.1f} GiB")
-        for name, version in self.packages.items():
-            if name not in ("torch",):
-                lines.append(f"  {name:<16} {version or 'not installed'}")
+        lines.append(f"  {'package':<16} {'installed':<16} {'floor':<10} tested")
+        for row in REQUIREMENTS:
+            oldest, newest = tested_range(row)
+            version = self.packages.get(row.distribution) or "not installed"
+            lines.append(f"  {row.distribution:<16} {version:<16} {row.minimum:<10} {oldest} to {newest}")
         if self.onnxruntime_providers is not None:
             lines.append(f"onnxruntime providers: {', '.join(self.onnxruntime_providers)}")
         elif self.onnxruntime_error:
@@ -217,7 +245,7 @@ def report() -> EnvironmentReport:
 
 @dataclass(frozen=True)
 class Problem:
-    severity: str  # "error": a feature will not work | "warning": works, but slowly or with less
+    severity: str  # "error": a feature will not work | "warning": works, but slowly or with less | "note": FYI
     package: str
     message: str
     fix: str
@@ -253,6 +281,23 @@ def check(env: EnvironmentReport) -> list[Problem]:
             "in Colab: Runtime > Change runtime type > T4 GPU.",
         ))
     return problems
+
+
+def untested(env: EnvironmentReport) -> list[Problem]:
+    """Notes for installed versions outside the range the test suite has run with (to the precision the
+    newest is written in: insightface "2.1" covers 2.1.x): not problems, newer releases usually work,
+    but the first thing to look at when something breaks."""
+    notes = []
+    for row in REQUIREMENTS:
+        version, (oldest, newest) = env.packages.get(row.distribution), tested_range(row)
+        if version and _version_at_least(version, row.minimum) and not (
+                _release(oldest) <= _release(version)[:len(_release(newest))] <= _release(newest)):
+            notes.append(Problem(
+                "note", row.distribution, f"{version} is outside the tested range {oldest} to {newest}: it should "
+                "work, this combination has just not been run here.",
+                f"if something fails, pip install '{row.distribution}=={newest}'"
+                if row.role != "preinstalled" else "report what fails, with `python -m instantid_colab doctor --json`"))
+    return notes
 
 
 def _onnxruntime_problems(env: EnvironmentReport) -> list[Problem]:
@@ -602,3 +647,19 @@ def _verified(result: InstallReport, before: Mapping[str, str], seen: Verificati
         for row in REQUIREMENTS
     )
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The floors, as CI installs them
+
+
+def floor_pins() -> list[str]:
+    """`name==floor` for every row but torch (CI keeps the torch it has: no CPU wheel of the torch floor
+    is reachable there), with the CPU onnxruntime. `.ci/run`'s floors stage installs exactly these."""
+    return [f"{row.distribution}=={row.minimum}" for row in REQUIREMENTS if row.distribution != "torch"]
+
+
+if __name__ == "__main__":  # for .ci/run's floors stage: one requirement per line
+    if sys.argv[1:] not in (["--floors"], ["--dev"]):
+        sys.exit("usage: python -m instantid_colab.environment --floors | --dev")
+    print("\n".join(floor_pins() if sys.argv[1] == "--floors" else dev_requirements()))

@@ -7,14 +7,17 @@ logic lives here: that belongs to `pipeline`, `weights`, `memory` and `pose`.
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from instantid_colab.batch import BatchReport
     from instantid_colab.memory import MemoryPlan, StageRecorder
     from instantid_colab.pipeline import GenerationResult, InstantIDSession
     from instantid_colab.pose.benchmark import BenchmarkResult
@@ -138,25 +141,21 @@ def load_session(weights: WeightPaths, plan: MemoryPlan | None = None,
 
 def face_image(path: str = "", smoke: bool = False) -> Image.Image:
     """The face photo: `path` if given, else an upload box in Colab, else (smoke) the bundled sample face."""
-    from PIL import Image
+    from instantid_colab.images import open_image
 
     if path:
-        return Image.open(path).convert("RGB")
+        return open_image(path, "face photo")
     if smoke:
         from instantid_colab.smoke import sample_face_image
 
         return sample_face_image()
     if in_colab():
-        import io
-
         from google.colab import files
 
-        uploaded = files.upload()
+        uploaded = files.upload()  # also saved under its name in the working folder
         if uploaded:
-            return Image.open(io.BytesIO(next(iter(uploaded.values())))).convert("RGB")
+            return open_image(next(iter(uploaded)), "face photo")
     raise FileNotFoundError("No face photo: upload one when asked, or set FACE_IMAGE to the path of a photo.")
-
-
 
 
 def output_size(size: str = "Auto", smoke: bool = False) -> tuple[int | None, int | None]:
@@ -170,6 +169,58 @@ def output_size(size: str = "Auto", smoke: bool = False) -> tuple[int | None, in
     if size == "Auto":
         return None, None
     return SIZE_PRESETS[size]
+
+
+def extras(pose: str = "", canny: str = "", depth: str = "", control_strength: float = 0.6, lora: str = "",
+           lora_scale: float = 0.8, start_photo: str = "", start_strength: float = 0.8,
+           smoke: bool = False) -> dict[str, Any]:
+    """The optional form fields as `pipeline.generate` keywords: a control per photo given (a photo of a
+    body for pose, any photo for canny edges and depth), a LoRA (hub id or file), a start photo (img2img).
+    Smoke mode fills the empty pose and LoRA fields with the sample face and the tiny LoRA, so CI exercises
+    the extra ControlNet and LoRA paths too."""
+    from instantid_colab.controls import Control
+    from instantid_colab.images import open_image
+    from instantid_colab.loras import SMOKE_LORA, Lora
+
+    if smoke:
+        from instantid_colab.smoke import sample_face_image
+
+        pose, lora = pose or sample_face_image(), lora or SMOKE_LORA
+    photos = {"pose": pose, "canny": canny, "depth": depth}
+    chosen = {
+        "controls": [Control(kind, photo, control_strength) for kind, photo in photos.items() if photo],
+        "loras": [Lora(lora.strip(), lora_scale)] if lora.strip() else [],
+        "init_image": open_image(start_photo, "start photo") if start_photo else None,
+        "init_strength": start_strength,
+    }
+    used = [c.kind for c in chosen["controls"]] + [f"LoRA {x.name}" for x in chosen["loras"]]
+    used += ["start photo"] if start_photo else []
+    print(f"Extras: {', '.join(used) or 'none'}" + (" (smoke: sample pose photo, tiny LoRA)" if smoke else ""))
+    return chosen
+
+
+def batch(session: InstantIDSession, manifest: str = "", out: str | Path = "outputs/batch",
+          smoke: bool = False) -> BatchReport | None:
+    """Make every row of a CSV/JSONL manifest with the loaded session (resumable: run again to finish).
+    Smoke mode without a manifest writes a two-row sample one under `out`."""
+    from instantid_colab import batch as batches
+
+    out = Path(out)
+    if not manifest and smoke:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = out / "smoke-manifest.jsonl"
+        rows = [{"prompt": "a portrait in a garden", "seed": 1}, {"prompt": "a portrait at night", "seed": 2}]
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if not manifest:
+        print("No MANIFEST: give a CSV or JSONL file, one image per row (columns: "
+              f"{', '.join(batches.COLUMNS)}); see the README's 'Many images' section.")
+        return None
+    report = batches.run(session, batches.prepare_rows(manifest, smoke=smoke), out)
+    print((f"[{session.label}] " if session.label else "") + report.render())
+    sheet = out / batches.CONTACT_SHEET
+    if sheet.is_file():
+        show_image(sheet)
+    return report
 
 
 def show_text(text: str, label: str | None = None) -> None:
@@ -200,27 +251,61 @@ def show_result(result: GenerationResult) -> None:
         print(notice)
 
 
-def launch_app(session: InstantIDSession, smoke: bool = False, auth: str = "") -> str:
-    """Start the gradio app and return its address (a public share link in Colab).
+DISPLAYS = ("in this notebook", "share link")
+FREE_TIER_NOTE = ("Colab's free tier does not allow driving a notebook mainly through a web UI, and has cut off "
+                  "sessions that serve a public Gradio link; 'in this notebook' stays inside the notebook.")
+APP_HEIGHT = 900
 
-    `auth` is "user:password" (empty: no login). In smoke mode (CI) there is no share link: the app
-    is served locally, fetched once to prove it answers, and closed, so "Run all" finishes instead
-    of leaving a server running.
+
+def launch_app(session: InstantIDSession, smoke: bool = False, auth: str = "",
+               display: str = "in this notebook") -> str:
+    """Start the gradio app and return its address.
+
+    `display`: "in this notebook" serves it through the notebook's own port proxy (Colab: only your
+    signed-in browser reaches it, so no login is needed and no public tunnel is opened); "share link"
+    opens a public gradio.live link, protected by `auth` ("user:password"; empty: no login). In smoke
+    mode (CI) the share link is skipped (no network): the app is served locally, shown, fetched once to
+    prove it answers, and closed, so "Run all" finishes instead of leaving a server running.
     """
     from instantid_colab.app import launch
 
-    if not smoke:
-        launched = launch(session, auth=auth or None, block=False)
-        url = launched.share_url or launched.local_url
-        print(f"Open the app: {url}")
-        return url
-    launched = launch(session, share=False, auth=auth or None, block=False)
-    try:
-        with urllib.request.urlopen(launched.local_url, timeout=30) as response:
-            print(f"App answered HTTP {response.status} at {launched.local_url} (smoke: random weights; now closed)")
-    finally:
-        launched.app.close()
-    return launched.local_url
+    if display not in DISPLAYS:
+        raise ValueError(f"DISPLAY {display!r} is not one of: {', '.join(DISPLAYS)}")
+    share = display == "share link" and not smoke
+    if display == "share link" and smoke:
+        print("Share link skipped (smoke: offline); serving the app locally instead.")
+    elif display == "in this notebook" and auth:
+        print("APP_LOGIN is for the share link; the in-notebook view is reachable only from this notebook.")
+    # inline=False: the display is ours (`show_in_notebook`), not gradio's guess about the notebook it runs in.
+    launched = launch(session, share=share, auth=(auth or None) if share else None, block=False, inline=False)
+    url = launched.share_url or launched.local_url
+    if share:
+        print(f"Open the app: {url}" + (f"\nNote: {FREE_TIER_NOTE}" if in_colab() else ""))
+    else:
+        show_in_notebook(launched.local_url)
+    if smoke:
+        try:
+            with urllib.request.urlopen(launched.local_url, timeout=30) as response:
+                print(f"App answered HTTP {response.status} at {launched.local_url} (smoke: random weights; now closed)")
+        finally:
+            launched.app.close()
+    return url
+
+
+def show_in_notebook(url: str, height: int = APP_HEIGHT) -> None:
+    """Show a locally served app in the cell's output: in Colab through Colab's port proxy (its documented
+    `serve_kernel_port_as_iframe`, plus a link that opens it in a browser tab), elsewhere as an iframe."""
+    port = urllib.parse.urlsplit(url).port
+    if in_colab():
+        from google.colab import output
+
+        output.serve_kernel_port_as_window(port, anchor_text="Open the app in a new browser tab")
+        output.serve_kernel_port_as_iframe(port, height=height)
+        return
+    from IPython.display import IFrame, display
+
+    print(f"The app: {url}")
+    display(IFrame(url, width="100%", height=height))
 
 
 def show_image(path: str | Path) -> None:

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
 from instantid_colab.adapter import (
@@ -20,6 +20,7 @@ from instantid_colab.adapter import (
     load_adapter,
 )
 from instantid_colab.cli import main
+from instantid_colab.smoke.diffusion import TINY as SMOKE_SIZES
 from instantid_colab.smoke.adapter import (
     FULL_SIZE,
     FULL_SIZE_IP_HIDDEN_SIZES,
@@ -67,12 +68,17 @@ def official_meta():
     return official_adapter_state_dict(FULL_SIZE, FULL_SIZE_IP_HIDDEN_SIZES, device="meta")
 
 
+def tiny_vae() -> AutoencoderKL:
+    """Older diffusers (0.31 at our floor) read the VAE's config when an SDXL pipeline is built: no `vae=None`."""
+    return AutoencoderKL(**SMOKE_SIZES.vae)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
     return StableDiffusionXLPipeline(
-        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
         unet=unet, scheduler=EulerDiscreteScheduler(),
     )
 
@@ -237,7 +243,7 @@ def test_a_tensor_that_did_not_land_is_an_error(monkeypatch):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
     pipe = StableDiffusionXLPipeline(
-        vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        vae=tiny_vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
         unet=unet, scheduler=EulerDiscreteScheduler(),
     )
     real_load = pipe.load_ip_adapter

@@ -18,6 +18,7 @@ def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
                           capture_output=True, text=True, check=False)
     data = json.loads(done.stdout)
     assert set(data) == {"environment", "memory", "plan", "controls"}
+    assert all(note["severity"] == "note" for note in data["environment"]["notes"])
     assert list(data["controls"]) == ["+pose", "+pose+canny+depth"]
     if not data["environment"]["cuda_available"]:
         assert [p["place"] for p in data["controls"]["+pose+canny+depth"]] == ["cpu", "cpu", "cpu"]
@@ -69,3 +70,14 @@ def test_install_dry_run_here_changes_nothing(capsys):
         pytest.skip("this machine lacks a package; the statement below is about a complete one")
     assert main(["install", "--dry-run"]) == 0
     assert capsys.readouterr().out.strip() == "Nothing to change: every required package is installed and recent enough."
+
+
+def test_doctor_shows_floor_and_tested_range_and_notes_an_untested_version(monkeypatch, capsys):
+    real = environment.installed_versions
+    monkeypatch.setattr(environment, "installed_versions", lambda: {**real(), "diffusers": "9.0.0"})
+    main(["doctor"])
+    out = capsys.readouterr().out
+    assert "package          installed        floor      tested" in out
+    assert f"diffusers        9.0.0            0.31       0.31 to {environment.TESTED_NEWEST['diffusers']}" in out
+    assert "[note] diffusers: 9.0.0 is outside the tested range" in out
+    assert "[error] diffusers" not in out

@@ -16,12 +16,20 @@ def test_smoke_generate_prints_the_likeness_of_each_image_and_writes_it_into_the
     assert code == 0
     assert printed[0] == f"[{smoke.SMOKE_LABEL}]"
     rows = [line for line in printed if "saved" in line]
-    assert rows == [f"  {'likeness n/a (no face found in the generated image)':<52} saved {tmp_path / name}"
-                    for name in ("portrait-0.png", "portrait-1.png")]
-    stored = json.loads(Image.open(tmp_path / "portrait-1.png").text["instantid"])
-    assert (stored["identity_similarity"], stored["identity_similarity_note"]) == (
-        None, "no face found in the generated image")
-    assert stored["seed"] == 5 and stored["image_index"] == 1
+    # Smoke pictures are noise: whether the tiny smoke detector sees a "face" in one depends on the library
+    # versions. What must hold: each printed score is the one stored in that PNG, best first, null with its reason.
+    stored = {name: json.loads(Image.open(tmp_path / name).text["instantid"]) for name in ("portrait-0.png", "portrait-1.png")}
+    scores = {name: meta["identity_similarity"] for name, meta in stored.items()}
+    order = sorted(scores, key=lambda name: -1 if scores[name] is None else scores[name], reverse=True)
+    expected = [f"likeness {scores[name]:.2f}" if scores[name] is not None
+                else "likeness n/a (no face found in the generated image)" for name in order]
+    assert rows == [f"  {text:<52} saved {tmp_path / name}" for text, name in zip(expected, order)]
+    for meta in stored.values():
+        assert meta["identity_similarity_note"] == (None if meta["identity_similarity"] is not None
+                                                    else "no face found in the generated image")
+        assert meta["identity_similarity"] is None or -1 <= meta["identity_similarity"] <= 1
+    assert [meta["seed"] for meta in stored.values()] == [5, 5]
+    assert [meta["image_index"] for meta in stored.values()] == [0, 1]
 
 
 def test_controls_lora_and_start_photo_from_the_command_line_land_in_the_png(tmp_path, capsys):

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What the fake index resolves an unpinned install to.
 LATEST = {"onnxruntime-gpu": "1.23.0", "onnxruntime": "1.23.0", "insightface": "2.1", "onnx": "1.19.0",
-          "diffusers": "0.36.0", "scikit-image": "0.25.0"}
+          "diffusers": "0.36.0", "scikit-image": "0.25.0", "pillow-heif": "1.1.1"}
 
 COLAB = {
     "torch": "2.6.0+cu124", "torchvision": "0.21.0+cu124", "torchaudio": "2.6.0+cu124", "numpy": "2.0.2",
@@ -68,11 +68,11 @@ def test_first_run_installs_what_is_missing_and_second_run_changes_nothing():
     changes = {(c.distribution, c.before, c.after) for c in first.changes}
     assert changes == {
         ("onnxruntime-gpu", None, "1.23.0"), ("insightface", None, "2.1"), ("onnx", None, "1.19.0"),
-        ("scikit-image", None, "0.25.0"), ("diffusers", "0.29.0", "0.36.0"),
+        ("scikit-image", None, "0.25.0"), ("diffusers", "0.29.0", "0.36.0"), ("pillow-heif", None, "1.1.1"),
     }
     assert "onnxruntime" not in fake.installed
     insightface_call = [call for call in fake.calls if any(a.startswith("insightface") for a in call)]
-    assert insightface_call == [["install", "-c", insightface_call[0][2], "--no-deps", "insightface>=1.0"]]
+    assert insightface_call == [["install", "-c", insightface_call[0][2], "--no-deps", "insightface>=2.0"]]
     # torch & co. are pinned in every install and never named as a requirement.
     assert all("torch==2.6.0+cu124\ntorchvision==0.21.0+cu124\ntorchaudio==2.6.0+cu124\nnumpy==2.0.2" in c
                for c in fake.constraints)
@@ -89,7 +89,7 @@ def test_first_run_installs_what_is_missing_and_second_run_changes_nothing():
 
 
 def test_both_onnxruntime_wheels_are_repaired_to_the_gpu_one():
-    fake = FakePip({**COLAB, **{name: LATEST[name] for name in ("insightface", "onnx", "scikit-image", "diffusers")},
+    fake = FakePip({**COLAB, **{name: LATEST[name] for name in ("insightface", "onnx", "scikit-image", "diffusers", "pillow-heif")},
                     "onnxruntime": "1.22.0", "onnxruntime-gpu": "1.22.0"})
     result = run_install(fake, cuda=True)
 
@@ -116,7 +116,7 @@ def test_failed_gpu_install_restores_the_cpu_onnxruntime_and_reports_pips_messag
 
 
 def test_cpu_machine_keeps_an_installed_onnxruntime_gpu():
-    fake = FakePip({**COLAB, **{n: LATEST[n] for n in ("insightface", "onnx", "scikit-image", "diffusers")},
+    fake = FakePip({**COLAB, **{n: LATEST[n] for n in ("insightface", "onnx", "scikit-image", "diffusers", "pillow-heif")},
                     "onnxruntime-gpu": "1.22.0"})
     result = run_install(fake, cuda=False)
     assert result.steps == [] and fake.calls == []
@@ -165,7 +165,7 @@ def test_check_names_missing_and_old_packages_with_the_fix():
     packages = {row.distribution: "99.0" for row in REQUIREMENTS} | {"insightface": None, "diffusers": "0.27.0"}
     problems = {p.package: p for p in env.check(make_report(packages=packages))}
     assert problems["insightface"].severity == "error" and problems["insightface"].fix == INSTALL_HINT
-    assert problems["diffusers"].message == "0.27.0 is older than 0.30."
+    assert problems["diffusers"].message == "0.27.0 is older than 0.31."
 
 
 def test_check_onnxruntime_cases():
@@ -252,3 +252,40 @@ def test_numpy_new_on_a_bare_machine_is_fine_but_a_changed_numpy_needs_a_restart
     result = run_install(colab, cuda=False)
     assert "numpy changed from 2.0.2 to 2.4.6; restart the runtime." in result.problems
     assert not result.ok
+
+
+def test_every_row_has_a_tested_range_from_its_floor_up():
+    from packaging.version import Version
+
+    for row in REQUIREMENTS:
+        oldest, newest = env.tested_range(row)
+        assert Version(newest) >= Version(oldest), row.distribution
+    assert env.tested_range(env.requirement("torch")) == ("2.11", env.TESTED_NEWEST["torch"])
+    assert env.tested_range(env.requirement("gradio"))[0] == env.requirement("gradio").minimum
+
+
+def test_a_version_outside_the_tested_range_is_a_note_not_a_problem():
+    report = env.report()
+    packages = {**report.packages, "diffusers": "0.99.0", "torch": "2.7.1+cu126", "gradio": env.TESTED_NEWEST["gradio"]}
+    adjusted = env.EnvironmentReport(**{**vars(report), "packages": packages})
+    problems = {p.package: p for p in env.untested(adjusted)}
+    assert not {"diffusers", "torch"} & {p.package for p in env.check(adjusted)}
+    diffusers = problems["diffusers"]
+    assert diffusers.severity == "note"
+    assert diffusers.message.startswith("0.99.0 is outside the tested range 0.31 to 0.42.1")
+    assert diffusers.fix == "if something fails, pip install 'diffusers==0.42.1'"
+    assert problems["torch"].message.startswith("2.7.1+cu126 is outside the tested range 2.11 to 2.13.0")
+    assert "gradio" not in problems
+    assert "  diffusers        0.99.0           0.31       0.31 to 0.42.1" in env.EnvironmentReport(
+        **{**vars(report), "packages": packages}).render().splitlines()
+
+
+def test_readme_states_the_tested_range_of_every_package():
+    """The README's "Tested versions" table is the environment table: a raised floor must be written there too."""
+    text = (ROOT / "README.md").read_text().split("## Tested versions", 1)[1].split("\n## ", 1)[0]
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| "))}
+    for row in REQUIREMENTS:
+        floor, newest = rows[row.distribution]
+        assert floor.split(" ")[0] == row.minimum and newest == env.TESTED_NEWEST[row.distribution], row.distribution
+    assert set(rows) - {"package"} == {row.distribution for row in REQUIREMENTS}

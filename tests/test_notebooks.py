@@ -10,8 +10,10 @@ from __future__ import annotations
 import ast
 import base64
 import io
+import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -163,14 +165,111 @@ def test_mount_drive_off_or_outside_colab_keeps_local_disk() -> None:
 
 
 def test_face_image_reads_a_given_path_as_rgb(tmp_path: Path) -> None:
-    Image.new("L", (40, 30), 200).save(tmp_path / "face.png")
+    Image.new("L", (80, 70), 200).save(tmp_path / "face.png")
     image = helpers.face_image(str(tmp_path / "face.png"))
-    assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (40, 30), (200, 200, 200))
+    assert (image.mode, image.size, image.getpixel((0, 0))) == ("RGB", (80, 70), (200, 200, 200))
+    Image.new("L", (40, 30), 200).save(tmp_path / "tiny.png")
+    with pytest.raises(ValueError, match=r"face photo: .*tiny.png is 40x30; faces need at least 64 px a side"):
+        helpers.face_image(str(tmp_path / "tiny.png"))
 
 
 def test_face_image_outside_colab_without_path_says_what_to_do() -> None:
     with pytest.raises(FileNotFoundError, match="set FACE_IMAGE"):
         helpers.face_image("", smoke=False)
+
+
+class FakeColabOutput:
+    """`google.colab.output` as the notebook helpers call it; records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, dict]] = []
+
+    def serve_kernel_port_as_iframe(self, port: int, **options) -> None:
+        self.calls.append(("iframe", port, options))
+
+    def serve_kernel_port_as_window(self, port: int, **options) -> None:
+        self.calls.append(("window", port, options))
+
+
+@pytest.fixture
+def fake_colab(monkeypatch: pytest.MonkeyPatch) -> FakeColabOutput:
+    import types
+
+    output = FakeColabOutput()
+    colab = types.ModuleType("google.colab")
+    colab.output = output
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.output", output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def smoke_session(tmp_path_factory: pytest.TempPathFactory):
+    from instantid_colab import pipeline, smoke
+
+    return pipeline.load_pipeline(smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke")), progress=False)
+
+
+def test_in_notebook_display_in_colab_goes_through_colabs_port_proxy(fake_colab, smoke_session, capsys) -> None:
+    from urllib.parse import urlsplit
+
+    url = helpers.launch_app(smoke_session, smoke=True, auth="me:secret", display="in this notebook")
+    port = urlsplit(url).port
+    assert urlsplit(url).hostname in ("127.0.0.1", "localhost", "0.0.0.0")  # local: no public tunnel
+    assert fake_colab.calls == [("window", port, {"anchor_text": "Open the app in a new browser tab"}),
+                                ("iframe", port, {"height": helpers.APP_HEIGHT})]
+    out = capsys.readouterr().out
+    assert "APP_LOGIN is for the share link; the in-notebook view is reachable only from this notebook." in out
+    assert f"App answered HTTP 200 at {url} (smoke: random weights; now closed)" in out
+
+
+def test_share_link_display_opens_a_public_link_behind_the_login(fake_colab, monkeypatch, capsys) -> None:
+    from instantid_colab import app
+
+    launched = []
+
+    def fake_launch(session, **options):
+        launched.append(options)
+        return app.Launched(None, "http://127.0.0.1:7860/", "https://0123abcd.gradio.live")
+
+    monkeypatch.setattr(app, "launch", fake_launch)
+    assert helpers.launch_app("session", auth="me:secret", display="share link") == "https://0123abcd.gradio.live"
+    assert launched == [{"share": True, "auth": "me:secret", "block": False, "inline": False}]
+    assert fake_colab.calls == []  # nothing shown through the port proxy
+    assert capsys.readouterr().out == f"Open the app: https://0123abcd.gradio.live\nNote: {helpers.FREE_TIER_NOTE}\n"
+
+
+def test_share_link_in_smoke_mode_serves_locally_and_unknown_displays_are_refused(smoke_session, capsys) -> None:
+    url = helpers.launch_app(smoke_session, smoke=True, display="share link")
+    out = capsys.readouterr().out
+    assert out.startswith("Share link skipped (smoke: offline); serving the app locally instead.\n")
+    assert f"App answered HTTP 200 at {url}" in out and "gradio.live" not in url
+    with pytest.raises(ValueError, match="DISPLAY 'public' is not one of: in this notebook, share link"):
+        helpers.launch_app(smoke_session, display="public")
+
+
+def test_extras_turn_the_form_fields_into_generate_keywords(tmp_path: Path, capsys) -> None:
+    from instantid_colab.controls import Control
+    from instantid_colab.loras import Lora
+
+    Image.new("RGB", (96, 80), (10, 20, 30)).save(tmp_path / "start.png")
+    chosen = helpers.extras(pose="", canny="edges.jpg", depth="room.jpg", control_strength=0.5,
+                            lora="owner/style-lora", lora_scale=0.7, start_photo=str(tmp_path / "start.png"),
+                            start_strength=0.6)
+    assert chosen["controls"] == [Control("canny", "edges.jpg", 0.5), Control("depth", "room.jpg", 0.5)]
+    assert chosen["loras"] == [Lora("owner/style-lora", 0.7)]
+    assert (chosen["init_image"].size, chosen["init_image"].getpixel((0, 0)), chosen["init_strength"]) == (
+        (96, 80), (10, 20, 30), 0.6)
+    assert capsys.readouterr().out == "Extras: canny, depth, LoRA owner/style-lora, start photo\n"
+    assert helpers.extras() == {"controls": [], "loras": [], "init_image": None, "init_strength": 0.8}
+    assert capsys.readouterr().out == "Extras: none\n"
+
+
+def test_batch_without_a_manifest_says_what_to_give(smoke_session, tmp_path: Path, capsys) -> None:
+    assert helpers.batch(smoke_session, "", tmp_path / "out") is None
+    out = capsys.readouterr().out
+    assert out.startswith("No MANIFEST: give a CSV or JSONL file, one image per row (columns: face, prompt,")
+    assert not (tmp_path / "out").exists()
 
 
 # --- smoke execution ---------------------------------------------------------------------------
@@ -241,12 +340,20 @@ def test_02_load_models_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.Mo
 def test_03_generate_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nb = execute("03_generate", workdir, monkeypatch)
     output = texts(nb)
-    generated, keypoints = images(nb)
+    generated, keypoints, sheet = images(nb)
     assert generated.size == keypoints.size == (128, 128)
     assert keypoints.getextrema() != ((0, 0), (0, 0), (0, 0))  # the five keypoints are drawn
     assert output.count(SMOKE_LABEL) >= 2  # the weights line and the images' caption
     assert "seed 42" in output
-    assert re.search(r"App answered HTTP 200 at http://[\w.]+:\d+/? \(smoke: random weights; now closed\)", output)
+    answered = re.search(r"App answered HTTP 200 at (http://[\w.]+:\d+/?) \(smoke: random weights; now closed\)", output)
+    assert answered
+    frames = [o.data["text/html"] for c in code_cells(nb) for o in c.outputs if "text/html" in o.get("data", {})]
+    assert any(f'src="{answered.group(1)}"' in frame for frame in frames)  # DISPLAY "in this notebook", outside Colab
+    assert "Extras: pose, LoRA smoke (smoke: sample pose photo, tiny LoRA)" in output
+    assert f"[{SMOKE_LABEL}] 2 rows: 2 made here, 0 already done, 0 failed" in output
+    assert sheet.size == (4 * 256, 24 + 256 + 20)  # the batch's contact sheet: label strip, one row of tiles
+    lines = (workdir / "outputs" / "batch" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seed"] for line in lines] == [1, 2]
 
 
 def test_04_convnextpose_benchmark_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,8 +27,8 @@ KPS_OFFSETS = ((-1.6, -1.2), (1.6, -1.2), (0.0, 0.4), (-1.2, 2.0), (1.2, 2.0))
 # A "face" pixel is bright but not white, on insightface's normalised input (pixel - 127.5) / 128.
 BRIGHTNESS_BAND = (0.25, 0.85)
 OPSET = 13
-# The IR version the newest onnx writes (14) is refused by onnxruntime < 1.31; 10 loads from 1.16 up.
-IR_VERSION = 10
+# The IR version the newest onnx writes (14) is refused by onnxruntime < 1.31; 8 is read by onnx >= 1.13 and onnxruntime >= 1.10.
+IR_VERSION = 8
 
 
 def _const(name: str, value) -> onnx.NodeProto:
