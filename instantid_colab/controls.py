@@ -26,7 +26,7 @@ from PIL import Image
 
 try:  # re-exported for the pipeline: one place knows where diffusers keeps it
     from diffusers import MultiControlNetModel  # noqa: F401
-except ImportError:  # diffusers < 0.31 kept it under pipelines
+except ImportError:  # diffusers < 0.32 kept it under pipelines
     from diffusers.pipelines.controlnet.multicontrolnet import MultiControlNetModel  # noqa: F401
 
 from instantid_colab.images import ImageLike, open_image

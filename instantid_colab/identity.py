@@ -21,8 +21,10 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 try:
     from diffusers.models.controlnets.controlnet import ControlNetOutput
-except ImportError:  # diffusers < 0.31 kept ControlNets in one module
+except ImportError:  # diffusers < 0.32 kept ControlNets in one module
     from diffusers.models.controlnet import ControlNetOutput
+
+from instantid_colab.components import parameter_dtype
 
 
 class FaceRegion:
@@ -83,7 +85,7 @@ class IdentityNet(ControlNetModel):
         tokens = self._face_tokens
         if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
             tokens = tokens[-sample.shape[0]:]
-        down, mid = super().forward(sample, timestep, tokens.to(sample.device, self.conv_in.weight.dtype), controlnet_cond,
+        down, mid = super().forward(sample, timestep, tokens.to(sample.device, parameter_dtype(self)), controlnet_cond,
                                     conditioning_scale, *args, return_dict=False, **kwargs)
         if self._region is not None:
             down = [residual * self._region.residual_weight(residual) for residual in down]

@@ -100,7 +100,7 @@ def _likely_cause(problems: list[str]) -> str:
 def load(pipe, path: Path, name: str) -> str:
     """Load one LoRA file as adapter `name` after checking it fits; LoraError (pipeline unchanged) otherwise."""
     try:
-        # Folder + weight_name, as for loading: diffusers < 0.32 refuses a bare file path when the hub is offline.
+        # Folder + weight_name, as for loading: diffusers 0.31 and 0.32 refuse a bare file path when the hub is offline.
         state_dict, _ = pipe.lora_state_dict(str(path.parent), weight_name=path.name)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same answer
         raise LoraError(f"LoRA {path}: cannot be read as an SDXL LoRA ({type(error).__name__}: "

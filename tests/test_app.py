@@ -192,13 +192,6 @@ def test_cli_app_options_parse():
 
 
 @pytest.fixture(scope="module")
-def smoke_session(tmp_path_factory):
-    from instantid_colab import smoke
-
-    return pipeline.load_pipeline(smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke")), progress=False)
-
-
-@pytest.fixture(scope="module")
 def face_file(tmp_path_factory):
     from instantid_colab import smoke
 

@@ -203,13 +203,6 @@ def fake_colab(monkeypatch: pytest.MonkeyPatch) -> FakeColabOutput:
     return output
 
 
-@pytest.fixture(scope="module")
-def smoke_session(tmp_path_factory: pytest.TempPathFactory):
-    from instantid_colab import pipeline, smoke
-
-    return pipeline.load_pipeline(smoke.build_smoke_weights(tmp_path_factory.mktemp("smoke")), progress=False)
-
-
 def test_in_notebook_display_in_colab_goes_through_colabs_port_proxy(fake_colab, smoke_session, capsys) -> None:
     from urllib.parse import urlsplit
 
