@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import random
+import secrets
 import threading
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -18,16 +19,16 @@ from typing import Any, Callable, NamedTuple
 import gradio as gr
 from PIL import Image
 
-from instantid_colab import controls, faces, images, loras, memory, pipeline, settings, styles
+from instantid_colab import controls, environment, images, loras, memory, pipeline, schedulers, settings, styles
 from instantid_colab.smoke import SMOKE_LABEL
-from instantid_colab.weights import MissingWeightsError
+from instantid_colab.weights import DamagedWeightsError, MissingWeightsError
 
 AUTO_SIZE = "Auto (from the face photo)"
 SIZE_CHOICES = (AUTO_SIZE, *settings.SIZE_PRESETS)
 # The fast-mode toggle of the official demo: LCM-LoRA needs few steps and little guidance.
 LCM_STEPS, LCM_GUIDANCE = 5, 1.5
 # LCM is fast mode's own scheduler (it needs the LoRA), so it is not offered on its own.
-SCHEDULER_CHOICES = tuple(name for name in pipeline.SCHEDULERS if name != "LCM")
+SCHEDULER_CHOICES = tuple(name for name in schedulers.SCHEDULERS if name != "LCM")
 MAX_SEED = 2**32 - 1
 MAX_UPLOAD_FILE = "25mb"
 MEMORY_REFRESH_S = 3.0
@@ -44,6 +45,7 @@ class Launched(NamedTuple):
     app: gr.Blocks
     local_url: str
     share_url: str | None
+    login: tuple[str, str] | None = None  # what the share link asks for (None: a local address, or --no-auth)
 
 
 def parse_size(text: str) -> tuple[int, int] | None:
@@ -203,7 +205,7 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
         except pipeline.GenerationStopped as stopped:
             message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
             return gr.update(), gr.update(), gr.update(), gr.update(), message, gr.update()
-        except (ValueError, MissingWeightsError, pipeline.OutOfMemory, MemoryError) as error:  # inputs, memory
+        except (ValueError, MissingWeightsError, DamagedWeightsError, MemoryError) as error:  # inputs, memory
             raise gr.Error(str(error)) from error
         except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
             logger.exception("generation failed")
@@ -360,7 +362,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                         file_types=["image"],
                     )
                     combine = gr.Dropdown(
-                        [(mode.replace("_", " "), mode) for mode in faces.COMBINE_MODES],
+                        [(mode.replace("_", " "), mode) for mode in settings.COMBINE_MODES],
                         value=defaults["combine"],
                         label="Combine several faces",
                     )
@@ -436,29 +438,37 @@ def launch(
     port: int | None = None,
     block: bool = True,
     inline: bool | None = None,
+    open_access: bool = False,
 ) -> Launched:
-    """Serve the app. `share=None` lets gradio decide: a public link on Colab, local elsewhere.
-    `inline=None` lets gradio show it in a notebook's output; False leaves the display to the caller.
+    """Serve the app. `share=None`: a public link inside Colab, local elsewhere (decided here and passed
+    to gradio, so gradio never opens a link on its own). `inline=None` lets gradio show it in a notebook's
+    output; False leaves the display to the caller.
 
-    Share links are public: pass `auth="user:password"` so strangers cannot use your GPU.
+    A share link is public, so it always asks for a login: `auth="user:password"`, or, without one, a
+    random user and password made for this run and printed beside the link. `open_access=True` (CLI
+    `--no-auth`) serves it without a login. A local address needs none.
     """
     credentials = parse_auth(auth)
+    share = environment.in_colab() if share is None else share
+    made_up = share and credentials is None and not open_access
+    if made_up:
+        credentials = (f"user-{secrets.token_hex(3)}", secrets.token_urlsafe(12))
     app = build_app(session)
     app.queue(**_accepted(app.queue, default_concurrency_limit=1, max_size=32))
     _, local_url, share_url = app.launch(
         share=share,
-        auth=credentials,
+        auth=credentials if share else None,
         server_port=port,
         prevent_thread_lock=True,
         show_error=True,
         inline=inline,
         **_accepted(app.launch, max_file_size=MAX_UPLOAD_FILE),
     )
-    if share_url and credentials is None:
-        print(
-            "Note: anyone with this link can use the app and your GPU time. "
-            "To require a login, launch with auth='user:password' (CLI: --auth user:password)."
-        )
+    if share_url and made_up:
+        print(f"Share link {share_url}: log in as user {credentials[0]}, password {credentials[1]} (made for this "
+              "run; choose your own with auth='user:password', CLI --auth USER:PASS, notebook APP_LOGIN).")
+    elif share_url and credentials is None:
+        print(f"Share link {share_url} has no login (--no-auth): anyone who sees it can use the app and your GPU time.")
     if block:
         app.block_thread()
-    return Launched(app, local_url, share_url)
+    return Launched(app, local_url, share_url, credentials if share else None)

@@ -296,7 +296,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                                     "pid": os.getpid(), "device": device}
             try:
                 result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
-            except (ValueError, pipeline.OutOfMemory, MemoryError) as error:  # a face not found, a bad LoRA, ...
+            except (ValueError, MemoryError) as error:  # a face not found, a bad LoRA, ...
                 line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
                 claims.finish(row, line)
                 failed += 1

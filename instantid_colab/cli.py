@@ -17,40 +17,56 @@ CONTROL_COMBINATIONS = {"+pose": ("pose",), "+pose+canny+depth": ("pose", "canny
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    """Versions and problems need only the standard library; memory, the plan and the controls outlook
+    need psutil, and are skipped with the reason when it is missing (a machine before `install`)."""
     import json
 
-    import psutil
-
-    from instantid_colab import environment, memory
+    from instantid_colab import environment
 
     env = environment.report()
     problems, notes = environment.check(env), environment.untested(env)
-    snap = memory.snapshot()
-    plan = memory.plan_for_this_machine()
-    outlook = _controls_outlook(plan, snap.gpus[0].free_gib if snap.gpus else None,
-                                psutil.virtual_memory().available / memory.GIB)
+    try:
+        measured = _memory_outlook()
+    except ImportError as error:
+        measured = None
+        missing = (f"Memory not measured: {error.name or error} is not installed. Run "
+                   f"`{environment.INSTALL_HINT}`, then `doctor` again.")
     if args.json:
         environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems],
                             "notes": [vars(note) for note in notes]}
-        controls_dict = {name: value if isinstance(value, str) else [vars(p) for p in value]
-                         for name, value in outlook.items()}
-        print(json.dumps({"environment": environment_dict, "memory": snap.to_dict(), "plan": plan.to_dict(),
-                          "controls": controls_dict}, indent=2))
+        report = {"environment": environment_dict, "memory": None, "plan": None, "controls": None}
+        if measured is None:
+            report["memory_error"] = missing
+        else:
+            snap, plan, outlook = measured
+            report.update(memory=snap.to_dict(), plan=plan.to_dict(),
+                          controls={name: value if isinstance(value, str) else [vars(p) for p in value]
+                                    for name, value in outlook.items()})
+        print(json.dumps(report, indent=2))
     else:
-        lines = [f"{name}: " + (value if isinstance(value, str) else "; ".join(p.render() for p in value))
-                 for name, value in outlook.items()]
-        print(env.render(), "", *(problem.render() for problem in problems + notes), "", snap.render(), "", plan.render(),
-              "", "Extra ControlNets (estimate, 1024x1024):", *lines, sep="\n")
+        print(env.render(), "", *(problem.render() for problem in problems + notes), "", sep="\n")
+        if measured is None:
+            print(missing)
+        else:
+            snap, plan, outlook = measured
+            lines = [f"{name}: " + (value if isinstance(value, str) else "; ".join(p.render() for p in value))
+                     for name, value in outlook.items()]
+            print(snap.render(), "", plan.render(), "", "Extra ControlNets (estimate, 1024x1024):", *lines, sep="\n")
         if not problems:
             print("\nNo problems found.")
     return 1 if any(problem.severity == "error" for problem in problems) else 0
 
 
-def _controls_outlook(plan, vram_free_gib, ram_available_gib) -> dict:
+def _memory_outlook():
+    """(snapshot, plan, where extra ControlNets would go); ImportError when psutil is not installed."""
     from instantid_colab import controls, memory
 
+    snap = memory.snapshot()
+    plan = memory.plan_for_this_machine()
     combinations = {name: controls.options(kinds) for name, kinds in CONTROL_COMBINATIONS.items()}
-    return memory.controls_outlook(plan, combinations, vram_free_gib, ram_available_gib)
+    outlook = memory.controls_outlook(plan, combinations, snap.gpus[0].free_gib if snap.gpus else None,
+                                      snap.ram_available_gib)
+    return snap, plan, outlook
 
 
 def _install(args: argparse.Namespace) -> int:
@@ -91,9 +107,16 @@ def _weights(args: argparse.Namespace):
 
 
 def _download(args: argparse.Namespace) -> int:
-    from instantid_colab.weights import ensure_weights
+    """Fetch what is missing; `--force FILE` deletes a damaged file first so it is fetched again."""
+    from pathlib import Path
 
-    weights = ensure_weights(args.weights_dir, base=args.base, drive=args.drive)
+    from instantid_colab.weights import default_root, ensure_weights, forget
+
+    root = Path(args.weights_dir).expanduser() if args.weights_dir else default_root(args.drive)
+    for path in forget(args.force or (), root):
+        print(f"deleted {path}: fetched again now, or, if `download` does not fetch it (an extra ControlNet, an "
+              "annotator, a LoRA), the next time it is needed")
+    weights = ensure_weights(root, base=args.base, drive=args.drive)
     for name in ("base", "controlnet", "adapter", "face_root", "vae"):
         print(f"{name:10} {getattr(weights, name)}")
     return 0
@@ -179,7 +202,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _batch(args: argparse.Namespace) -> int:
     """Check every row, load once, make what results.jsonl lacks; `--gpus N` relaunches under accelerate."""
     from instantid_colab import batch, pipeline
+    from instantid_colab.settings import check_arguments
 
+    check_arguments(gpus=(args.gpus, "gpus"))
     if args.gpus > 1:
         return _launch_on_gpus(args.gpus, args.argv)
     rows = batch.prepare_rows(args.manifest, smoke=args.smoke)
@@ -223,14 +248,16 @@ def _launch_on_gpus(gpus: int, argv: list[str], runner=None) -> int:
 
 def _app(args: argparse.Namespace) -> int:
     from instantid_colab import app, pipeline
-    from instantid_colab.settings import SettingsError
+    from instantid_colab.settings import SettingsError, check_arguments
 
+    check_arguments(port=(args.port, "port"))
     try:
         credentials = app.parse_auth(args.auth)
     except ValueError as error:
         raise SettingsError([f"--auth: {error}"]) from None
     weights = _weights(args)
-    app.launch(pipeline.load_pipeline(weights), share=args.share, auth=credentials, port=args.port)
+    app.launch(pipeline.load_pipeline(weights), share=args.share, auth=credentials, port=args.port,
+               open_access=args.no_auth)
     return 0
 
 
@@ -309,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
 
-    _weights_options(command("download", "fetch the InstantID weights (skips what is on disk)", _download))
+    download = command("download", "fetch the InstantID weights (skips what is on disk)", _download)
+    download.add_argument("--force", action="append", metavar="FILE",
+                          help="delete this damaged weight file and fetch it again (repeatable; the path an error named)")
+    _weights_options(download)
 
     generate = command("generate", "make images from a face photo", _generate)
     _generate_options(generate)
@@ -328,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), no download")
     app.add_argument("--share", action=argparse.BooleanOptionalAction, default=None,
                      help="public gradio link (default: on in Colab, off elsewhere)")
-    app.add_argument("--auth", metavar="USER:PASS", help="require this login (share links are public)")
+    login = app.add_mutually_exclusive_group()
+    login.add_argument("--auth", metavar="USER:PASS",
+                       help="require this login (default with a share link: a random user and password, printed)")
+    login.add_argument("--no-auth", action="store_true",
+                       help="serve a share link without a login: anyone who sees the link can use your GPU")
     app.add_argument("--port", type=int, help="local port (default: gradio's, 7860 or the next free one)")
     _weights_options(app)
     return parser
@@ -339,11 +373,11 @@ EXIT_CODES = """exit codes: 0 done; 1 the run could not do what was asked (the m
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a person can fix: bad values, files, faces, weights, memory. Anything else is our bug."""
-    from instantid_colab.pipeline import OutOfMemory
-    from instantid_colab.weights import MissingWeightsError, WeightSizeError
+    """What a person can fix: bad values, files, faces, weights, memory (the pipeline's OutOfMemory is a
+    MemoryError). Anything else is our bug. Only ground-floor modules: `install` runs before numpy exists."""
+    from instantid_colab.weights import DamagedWeightsError, MissingWeightsError
 
-    return (MemoryError, ValueError, FileNotFoundError, PermissionError, MissingWeightsError, WeightSizeError, OutOfMemory)
+    return (MemoryError, ValueError, FileNotFoundError, PermissionError, MissingWeightsError, DamagedWeightsError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from packaging.version import Version
 
+from instantid_colab.weights import reading
+
 TRANSFORMERS_DTYPE_KEYWORD_SINCE = Version("4.56")
 
 
@@ -25,14 +27,16 @@ def dtype_keyword(cls: type) -> str:
 
 
 def load(cls: type, path: str | Path, device: str, dtype: torch.dtype, **kwargs):
-    """One model straight onto `device` in `dtype`: safetensors, no full CPU/fp32 staging copy."""
+    """One model straight onto `device` in `dtype`: safetensors, no full CPU/fp32 staging copy.
+    A damaged file in its folder is DamagedWeightsError naming it (`weights.reading`)."""
     options = {dtype_keyword(cls): dtype, "low_cpu_mem_usage": True, "use_safetensors": True}
     if device != "cpu":
         target = torch.device(device)
         if target.type == "cuda" and target.index is None:  # "cuda" = this process's GPU (one per process in a batch)
             target = torch.device("cuda", torch.cuda.current_device())
         options["device_map"] = {"": target}
-    return cls.from_pretrained(path, **options, **kwargs)
+    with reading(f"{cls.__name__}", Path(path, kwargs.get("subfolder") or "")):
+        return cls.from_pretrained(path, **options, **kwargs)
 
 
 def parameter_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -76,6 +76,7 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("scipy", "scipy", "1.11.2", "install", "required by insightface (older ones refuse numpy 1.26)"),
     Requirement("tqdm", "tqdm", "4.63", "install", "progress bars; 4.63 falls back to text bars in a notebook without ipywidgets"),
     Requirement("requests", "requests", "2.25", "install", "required by insightface"),
+    Requirement("matplotlib", "matplotlib", "3.7", "install", "the ConvNeXtPose benchmark's plot (notebook 04)"),
 )
 
 # The newest versions the whole test suite passed with (.ci/run's `tests` stage on 2026-11-24). The
@@ -86,9 +87,20 @@ TESTED_NEWEST: dict[str, str] = {
     "huggingface-hub": "2.4.0", "safetensors": "0.8.0", "psutil": "7.2.2", "packaging": "26.2", "pillow": "12.3.0",
     "pillow-heif": "1.8.1", "gradio": "6.31.0", "peft": "0.21.2", "onnxruntime": "1.32.0", "insightface": "2.1",
     "onnx": "1.23.2", "opencv-python": "5.0.0.93", "scikit-image": "0.26.0", "scipy": "1.17.1", "tqdm": "4.70.1",
-    "requests": "2.34.2",
+    "requests": "2.34.2", "matplotlib": "3.11.2",
 }
 TESTED_OLDEST_TORCH = "2.11"
+
+
+def in_colab() -> bool:
+    """True inside a Google Colab kernel (its `google.colab` module is only installed there)."""
+    if "google.colab" in sys.modules:
+        return True
+    try:
+        import google.colab  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def tested_range(row: Requirement) -> tuple[str, str]:
@@ -659,7 +671,14 @@ def floor_pins() -> list[str]:
     return [f"{row.distribution}=={row.minimum}" for row in REQUIREMENTS if row.distribution != "torch"]
 
 
-if __name__ == "__main__":  # for .ci/run's floors stage: one requirement per line
-    if sys.argv[1:] not in (["--floors"], ["--dev"]):
-        sys.exit("usage: python -m instantid_colab.environment --floors | --dev")
-    print("\n".join(floor_pins() if sys.argv[1] == "--floors" else dev_requirements()))
+if __name__ == "__main__":  # for setup_colab.sh and .ci/run: one requirement per line
+    if sys.argv[1:] in (["--floors"], ["--dev"]):
+        print("\n".join(floor_pins() if sys.argv[1] == "--floors" else dev_requirements()))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--requirement":
+        try:
+            row = requirement(sys.argv[2])
+        except KeyError as error:
+            sys.exit(error.args[0])
+        print(f"{row.distribution}>={row.minimum}")
+    else:
+        sys.exit("usage: python3 -m instantid_colab.environment --floors | --dev | --requirement NAME")

@@ -20,6 +20,8 @@ import numpy as np
 from PIL import Image
 
 from instantid_colab.images import ImageLike, open_image
+from instantid_colab.settings import COMBINE_MODES, check_arguments
+from instantid_colab.weights import reading
 
 
 RETRY_DET_SIZES = (640, 480, 320, 256)  # after the configured size; cubiq's node also walks down
@@ -27,7 +29,6 @@ PAD_FRACTION = 0.5  # padding per side, as a fraction of the longer side, for th
 MAX_DETECT_SIDE = 2048  # larger photos are detected on a downscaled copy (memory and time)
 FACE_CACHE = 16  # photos whose face is remembered
 KPS_COLORS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
-COMBINE_MODES = ("average", "norm_average", "concat")
 NO_FACE_ADVICE = (
     "Use a clear, well-lit photo with one face looking roughly at the camera, at least about a tenth "
     "of the picture wide, not cut off at the forehead or chin (a less tight crop helps), without "
@@ -157,8 +158,8 @@ class FaceAnalyzer:
         """`device_index`: which GPU onnxruntime uses (one process per GPU in a multi-GPU batch)."""
         from insightface.app import FaceAnalysis
 
+        (self.det_size,) = check_arguments(det_size=(det_size, "det_size"))
         folder = _model_dir(root, name)
-        self.det_size = det_size
         self._found: OrderedDict[tuple, Face] = OrderedDict()  # photo -> face: a batch or the app reuses photos
         requested = _providers(device)
         # An absolute folder as `name`: insightface >=2 uses it directly, 0.7.x joins it onto root
@@ -166,18 +167,19 @@ class FaceAnalyzer:
         options = dict(name=str(folder), root=str(Path(root).expanduser()), allowed_modules=["detection", "recognition"])
         if "CUDAExecutionProvider" in requested:
             options["provider_options"] = [{"device_id": device_index}, {}]
-        try:
-            self._app = FaceAnalysis(providers=requested, **options)
-        except Exception as error:
-            if requested == ["CPUExecutionProvider"]:
-                raise
-            warnings.warn(f"onnxruntime CUDA failed ({error}); face analysis runs on CPU.", stacklevel=2)
-            requested = ["CPUExecutionProvider"]
-            options.pop("provider_options")
-            self._app = FaceAnalysis(providers=requested, **options)
+        with reading(f"the face models ({name})", folder):
+            try:
+                self._app = FaceAnalysis(providers=requested, **options)
+            except Exception as error:
+                if requested == ["CPUExecutionProvider"]:
+                    raise
+                warnings.warn(f"onnxruntime CUDA failed ({error}); face analysis runs on CPU.", stacklevel=2)
+                requested = ["CPUExecutionProvider"]
+                options.pop("provider_options")
+                self._app = FaceAnalysis(providers=requested, **options)
         if "recognition" not in self._app.models:
             raise FileNotFoundError(f"{folder} has a detector but no ArcFace recognition model (glintr100.onnx).")
-        self._app.prepare(ctx_id=0 if "CUDAExecutionProvider" in requested else -1, det_size=(det_size, det_size))
+        self._app.prepare(ctx_id=0 if "CUDAExecutionProvider" in requested else -1, det_size=(self.det_size,) * 2)
         if "CUDAExecutionProvider" in requested and "CUDAExecutionProvider" not in self.providers:
             warnings.warn(
                 "onnxruntime could not start CUDA (onnxruntime-gpu built for another CUDA?); face analysis runs on CPU.",
@@ -194,7 +196,7 @@ class FaceAnalyzer:
 
         `retries=False` tries the configured detection size only (no smaller sizes, no padded copy).
         """
-        rgb = np.asarray(open_image(image, "face photo"))
+        rgb = np.asarray(open_image(image, "face photo", max_side=None))  # the caller's coordinates; _detect shrinks
         if not retries:  # a generated picture: never seen before, not worth remembering
             return self._detect(rgb, retries)
         key = (hashlib.blake2b(rgb.tobytes(), digest_size=16).digest(), rgb.shape)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from instantid_colab.settings import SettingsError, check_arguments, size_problems
+
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -400,7 +402,10 @@ def choose_plan(
     batch: int = 1,
     compute_capability: tuple[int, int] = (7, 5),
 ) -> MemoryPlan:
-    """The fastest placement whose estimated VRAM and RAM peaks fit; pure, so it is testable anywhere."""
+    """The fastest placement whose estimated VRAM and RAM peaks fit; pure, so it is testable anywhere.
+    SettingsError for a size SDXL cannot make, a batch outside `settings.LIMITS`, or negative memory."""
+    ram_available_gib, vram_free_gib, width, height, batch = _checked(ram_available_gib, vram_free_gib, width, height,
+                                                                      batch)
     if vram_free_gib is None:
         layout = _Layout("cpu", "cpu", "cpu", False)
         _, need_ram = _estimate(layout, width, height, batch)
@@ -428,6 +433,20 @@ def choose_plan(
     return _plan(layout, width, height, batch, _WHY["sequential_offload"], tuple(warnings))
 
 
+def _checked(ram_available_gib, vram_free_gib, width, height, batch) -> list:
+    """The planning arguments checked against `settings.LIMITS` (sizes by `settings.size_problems`)."""
+    problems = size_problems(width, height)
+    try:
+        checked = check_arguments(ram_available_gib=(ram_available_gib, "memory_gib"),
+                                  vram_free_gib=(vram_free_gib, "memory_gib"), batch=(batch, "num_images"))
+    except SettingsError as error:
+        problems += error.problems
+    if problems:
+        raise SettingsError(problems)
+    ram, vram, batch = checked
+    return [ram, vram, width, height, batch]
+
+
 def step_down(
     plan: MemoryPlan,
     *,
@@ -444,6 +463,7 @@ def step_down(
     """
     if ram_available_gib is None:
         ram_available_gib = psutil.virtual_memory().available / GIB
+    ram_available_gib, _, width, height, batch = _checked(ram_available_gib, None, width, height, batch)
     current = _Layout(plan.placement, plan.text_encoder_device, plan.face_device, plan.vae_tiling)
     lightest_gpu = _GPU_LAYOUTS[-1]
     if plan.placement == "gpu" and current != lightest_gpu:
@@ -508,6 +528,8 @@ def plan_controls(plan: MemoryPlan, options: dict[str, list[tuple[str, float]]],
     Heaviest variant resident on the GPU first; then the lightest variant resident; then the lightest
     streamed from RAM. Raises MemoryError naming the control when RAM cannot hold it either.
     """
+    ram_available_gib, vram_available_gib, width, height, batch = _checked(ram_available_gib, vram_available_gib,
+                                                                           width, height, batch)
     headroom = _activations(width, height, batch, plan.vae_tiling, batch > 1) + GPU_RUNTIME + VRAM_MARGIN
     vram_left = None if vram_available_gib is None or plan.placement != "gpu" else vram_available_gib - headroom
     ram_left = ram_available_gib - RAM_MARGIN - max((ANNOTATOR_RAM.get(kind, 0.0) for kind in options), default=0.0)
@@ -537,8 +559,8 @@ def controls_outlook(plan: MemoryPlan, combinations: dict[str, dict[str, list[tu
     """For `doctor`: where each combination of extra ControlNets would go once the pipeline is loaded
     (estimated from the plan, before anything loads), or why it cannot run."""
     activations = _activations(1024, 1024, 1, plan.vae_tiling, False) + GPU_RUNTIME
-    vram_left = None if vram_free_gib is None else vram_free_gib - (plan.estimated_vram_gib - activations)
-    ram_left = ram_available_gib - plan.estimated_ram_gib + HOST_RUNTIME
+    vram_left = None if vram_free_gib is None else max(0.0, vram_free_gib - (plan.estimated_vram_gib - activations))
+    ram_left = max(0.0, ram_available_gib - plan.estimated_ram_gib + HOST_RUNTIME)
     outlook: dict[str, list[ControlPlacement] | str] = {}
     for name, options in combinations.items():
         try:

@@ -8,11 +8,12 @@ logic lives here: that belongs to `pipeline`, `weights`, `memory` and `pose`.
 from __future__ import annotations
 
 import json
-import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from instantid_colab.environment import in_colab
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -29,17 +30,6 @@ SWITCH_RUNTIME_HINT = "Runtime > Change runtime type > Hardware accelerator: T4 
 
 class NoGPUError(RuntimeError):
     """The runtime has no CUDA GPU, and this notebook needs one outside smoke mode."""
-
-
-def in_colab() -> bool:
-    """True inside a Google Colab kernel (its `google.colab` module is only installed there)."""
-    if "google.colab" in sys.modules:
-        return True
-    try:
-        import google.colab  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def check_gpu(smoke: bool = False) -> None:
@@ -263,7 +253,8 @@ def launch_app(session: InstantIDSession, smoke: bool = False, auth: str = "",
 
     `display`: "in this notebook" serves it through the notebook's own port proxy (Colab: only your
     signed-in browser reaches it, so no login is needed and no public tunnel is opened); "share link"
-    opens a public gradio.live link, protected by `auth` ("user:password"; empty: no login). In smoke
+    opens a public gradio.live link behind a login: `auth` ("user:password"; empty: a random user and
+    password, printed beside the link). In smoke
     mode (CI) the share link is skipped (no network): the app is served locally, shown, fetched once to
     prove it answers, and closed, so "Run all" finishes instead of leaving a server running.
     """

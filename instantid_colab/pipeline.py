@@ -27,35 +27,24 @@ from PIL.PngImagePlugin import PngInfo
 from instantid_colab import faces, memory, styles
 from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
+from instantid_colab.schedulers import SCHEDULERS
 from instantid_colab.settings import MULTIPLE, check as check_settings
 from instantid_colab.identity import (
     FaceRegion, IdentityNet, execution_device, face_conditioning, face_tokens, use_face_region_processors,
 )
 from instantid_colab.controls import (
-    ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Annotations, Control, ControlNets, MultiControlNetModel,
-    check_controls, control_map, image_digest, source_image,
+    ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Control, check_controls, image_digest, options as control_options,
+    source_image,
 )
 from instantid_colab.controls import describe as describe_control
+from instantid_colab.controlnets import Annotations, ControlNets, MultiControlNetModel, control_map
 from instantid_colab.loras import LCM_ADAPTER, SMOKE_LORA, Lora, LoraState, check_loras
 from instantid_colab.weights import (
-    WeightPaths, ensure_annotator, ensure_controlnet, ensure_lcm_lora, ensure_lora, root_of,
+    SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lcm_lora, ensure_lora, reading, root_of,
 )
 
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
 OFFICIAL_LONG_SIDE, OFFICIAL_SHORT_SIDE = 1280, 1024  # the official resize_img rule
-
-# name -> (diffusers scheduler class, config overrides)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler",
-                            {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
-    "DEIS": ("DEISMultistepScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "LCM": ("LCMScheduler", {}),
-}
 
 _OOM_ERRORS = tuple({e for e in (getattr(torch, "OutOfMemoryError", None),
                                  getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
@@ -82,8 +71,6 @@ class InstantIDSession:
 
     @property
     def label(self) -> str | None:
-        from instantid_colab.smoke import SMOKE_LABEL
-
         return SMOKE_LABEL if self.smoke else None
 
     @property
@@ -160,7 +147,8 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
     text_device = plan.text_encoder_device if plan.placement in ("gpu", "group_offload", "cpu") else "cpu"
     text_dtype = torch.float32 if text_device == "cpu" and plan.placement != "model_offload" else dtype
     base = weights.base
-    with _stage(recorder, "load tokenizers"):
+    with _stage(recorder, "load tokenizers"), reading("the SDXL tokenizers", Path(base, "tokenizer"),
+                                                      Path(base, "tokenizer_2")):
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2")
     with _stage(recorder, "load text encoders"):
@@ -279,8 +267,9 @@ def _text_encoders_detached(pipe):
         pipe.register_modules(text_encoder=encoders[0], text_encoder_2=encoders[1])
 
 
-class OutOfMemory(RuntimeError):
-    """Out of GPU memory even with the lightest memory plan; the message says what to lower."""
+class OutOfMemory(MemoryError):
+    """Out of GPU memory even with the lightest memory plan; the message says what to lower. A MemoryError,
+    so every boundary that tells a person "out of memory" (CLI, app, batch) catches it without importing this."""
 
 
 def _oom_retry_plan(session: InstantIDSession, error: BaseException) -> str:
@@ -309,12 +298,10 @@ def _extra_controlnets(session: InstantIDSession, kinds: list[str], width: int, 
     """Place (memory plan) and load the extra ControlNets; returns (placements, models)."""
     import psutil
 
-    from instantid_colab import controls
-
     available = memory.vram_available_gib()
-    if available is not None:
-        available += session.controlnets.gib_on_gpu()  # what the nets already loaded would give back
-    placements = memory.plan_controls(session.plan, controls.options(kinds), available,
+    if available is not None:  # plus what the nets already loaded would give back
+        available = max(0.0, available + session.controlnets.gib_on_gpu())
+    placements = memory.plan_controls(session.plan, control_options(kinds), available,
                                       psutil.virtual_memory().available / memory.GIB, width, height, num)
     models = session.controlnets.prepare(placements, session.controlnet_folder, str(session.device),
                                          parameter_dtype(session.pipe.unet))

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from instantid_colab.schedulers import SCHEDULERS
+from instantid_colab.styles import STYLES
+
 MAX_SIDE, MULTIPLE = 1280, 64  # SDXL and the IdentityNet were trained up to 1280 px, in steps of 64
 SIZE_PRESETS: dict[str, tuple[int, int]] = {
     "square 1024": (1024, 1024), "portrait 896x1152": (896, 1152), "landscape 1152x896": (1152, 896),
@@ -47,8 +50,15 @@ LIMITS: dict[str, Bounds] = {
     "control_start": Bounds(0, 1, source="fraction of the steps"),
     "control_end": Bounds(0, 1, source="fraction of the steps"),
     "lora_scale": Bounds(-2, 2, source="negative scales push away from a LoRA's style"),
+    "memory_gib": Bounds(0, 2**20, source="GiB of RAM or VRAM, as measured"),
+    "gpus": Bounds(1, 64, True, "one process per GPU"),
+    "photo_side": Bounds(64, 65535, True, "pixels; a photo is decoded at most this large"),
+    "det_size": Bounds(160, 1280, True, "insightface's detector input side; the official demo uses 640"),
+    "port": Bounds(1, 65535, True, "a TCP port"),
+    "pose_batch": Bounds(1, 4096, True, "images per forward pass when measuring throughput"),
 }
 FLAGS = ("enhance_non_face", "lcm")
+COMBINE_MODES = ("average", "norm_average", "concat")  # several photos of one person: ComfyUI_InstantID's options
 
 
 class SettingsError(ValueError):
@@ -91,6 +101,21 @@ def size_problems(width: Any, height: Any) -> list[str]:
     return []
 
 
+def check_arguments(**arguments: tuple[Any, str]) -> list[Any]:
+    """A public function's numeric arguments, each `name=(value, LIMITS row)`, as int/float in the order
+    given; None passes (where the function allows it). SettingsError lists every problem, by argument name."""
+    checked, problems = [], []
+    for name, (value, row) in arguments.items():
+        if value is not None:
+            value, problem = number(name, value, LIMITS[row])
+            if problem:
+                problems.append(problem)
+        checked.append(value)
+    if problems:
+        raise SettingsError(problems)
+    return checked
+
+
 def check_size(width: int, height: int) -> None:
     """Explicit sizes: multiples of 64, each side 64 to 1280 (what SDXL and the IdentityNet were trained at)."""
     problems = size_problems(width, height)
@@ -104,8 +129,6 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     Keys it does not know (images, prompts, callbacks) pass through unchanged. Numbers come back as
     int/float (30.0 steps -> 30), so the CLI, the app's floats and a notebook's ints all agree.
     """
-    from instantid_colab import faces, pipeline, styles
-
     checked, problems = dict(values), []
     for name in LIMITS:
         if name in values and values[name] is not None:
@@ -115,8 +138,7 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     for name in FLAGS:
         if name in values and not isinstance(values[name], bool):
             problems.append(f"{name} {values[name]!r} must be true or false")
-    choices = {"style": tuple(styles.STYLES), "scheduler": tuple(pipeline.SCHEDULERS),
-               "combine": faces.COMBINE_MODES}
+    choices = {"style": tuple(STYLES), "scheduler": tuple(SCHEDULERS), "combine": COMBINE_MODES}
     for name, allowed in choices.items():
         if name in values and values[name] not in allowed:
             problems.append(f"{name} {values[name]!r} is not one of: {', '.join(allowed)}")

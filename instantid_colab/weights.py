@@ -7,11 +7,17 @@ Files already on disk are never fetched again, so a folder on Google Drive survi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+
+from instantid_colab.settings import SettingsError
 
 INSTANTID_REPO = "InstantX/InstantID"
 FP16_VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
@@ -42,6 +48,7 @@ KNOWN_SIZES: dict[str, int] = {
 KNOWN_SHA256: dict[str, str] = {}
 
 DRIVE_ROOT = Path("/content/drive/MyDrive/instantid-colab/weights")
+SMOKE_LABEL = "smoke: random weights"  # beside every picture, table and page made with `smoke`'s tiny random models
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,77 @@ class MissingWeightsError(RuntimeError):
     """Weights are absent and could not be downloaded; the message lists every file and where it goes."""
 
 
-class WeightSizeError(RuntimeError):
-    """A weight file on disk has the wrong size (a cut-off download or the wrong file)."""
+class DamagedWeightsError(RuntimeError):
+    """A weight file on disk is damaged: cut off, the wrong size, or not the format its name says.
+    The message names the file and how to fetch it again."""
+
+
+def refetch_hint(path: Path) -> str:
+    """How to replace one damaged file: `download --force` deletes it and fetches it again."""
+    return (f"Fetch it again: `python -m instantid_colab download --force {path}` (or delete {path}; it is "
+            "downloaded again when next needed).")
+
+
+def damaged_file(path: Path) -> str | None:
+    """Why the weight file at `path` cannot be read as what its name says, or None when it can.
+
+    Reads containers only (the safetensors header against the file size, the ONNX protobuf, the zip
+    directory of a torch pickle, a JSON config): what a cut-off or wrong download breaks.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "it is empty (0 bytes)"
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "np"):
+                return None
+        if path.suffix == ".onnx":
+            import onnx
+
+            onnx.load(str(path), load_external_data=False)
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".bin", ".pt", ".pth", ".tar"):
+            with path.open("rb") as handle:
+                head = handle.read(2)
+            if head == b"PK":  # torch.save's zip: a cut-off file has lost its central directory
+                with zipfile.ZipFile(path) as archive:
+                    archive.infolist()
+            elif head[:1] != b"\x80":  # neither a zip nor a pickle (protocol 2+)
+                return "neither a PyTorch zip nor a pickle"
+    except Exception as error:  # noqa: BLE001 - every reader's own error type means the same: damaged
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+    return None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin", ".json", ".txt", ".pt", ".pth")
+
+
+@contextlib.contextmanager
+def reading(what: str, *places: str | Path) -> Iterator[None]:
+    """Load `what` from these files or folders; a failure caused by a damaged file among them becomes
+    DamagedWeightsError naming that file and how to fetch it again. Other failures pass unchanged, and
+    nothing is checked when loading works (the check reads files only after a failure)."""
+    try:
+        yield
+    except Exception as error:
+        for path in _weight_files(places):
+            reason = damaged_file(path)
+            if reason is not None:
+                raise DamagedWeightsError(f"{what}: {path} is damaged ({reason}). {refetch_hint(path)}") from error
+        raise
+
+
+def _weight_files(places: Iterable[str | Path]) -> list[Path]:
+    files = []
+    for place in map(Path, places):
+        if place.is_dir():
+            files += sorted(p for p in place.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        elif place.is_file():
+            files.append(place)
+    return files
 
 
 @dataclass(frozen=True)
@@ -157,15 +233,18 @@ def flatten_antelopev2(folder: Path) -> None:
 
 
 def check_file(path: Path, name: str) -> None:
-    """Raise WeightSizeError when a file we know is not the size (or hash) it should be."""
+    """Raise DamagedWeightsError when a file we know is not the size (or hash) it should be, or a
+    safetensors file is cut off (its header is read: milliseconds, whatever the file's size)."""
     size = path.stat().st_size
     expected = KNOWN_SIZES.get(name)
     if expected is not None and size != expected:
-        raise WeightSizeError(
+        raise DamagedWeightsError(
             f"{path} is {size:,} bytes but {name} must be {expected:,} bytes (a partial or wrong download). "
-            f"Delete it and run the download again.")
-    if size == 0:
-        raise WeightSizeError(f"{path} is empty. Delete it and run the download again.")
+            f"{refetch_hint(path)}")
+    if size == 0 or path.suffix == ".safetensors":
+        reason = damaged_file(path)
+        if reason is not None:
+            raise DamagedWeightsError(f"{path} is damaged ({reason}). {refetch_hint(path)}")
     if name in KNOWN_SHA256:
         import hashlib
 
@@ -174,7 +253,8 @@ def check_file(path: Path, name: str) -> None:
             for chunk in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(chunk)
         if digest.hexdigest() != KNOWN_SHA256[name]:
-            raise WeightSizeError(f"{path} has sha256 {digest.hexdigest()}, expected {KNOWN_SHA256[name]}.")
+            raise DamagedWeightsError(f"{path} has sha256 {digest.hexdigest()}, expected {KNOWN_SHA256[name]}. "
+                                      f"{refetch_hint(path)}")
 
 
 def _missing(source: Source) -> list[str]:
@@ -247,6 +327,27 @@ def ensure_weights(root: str | Path | None = None, *, base: str = DEFAULT_BASE, 
     )
 
 
+def forget(files: Iterable[str | Path], root: Path) -> list[Path]:
+    """Delete these weight files so that the next download fetches them again; each must lie under `root`
+    (a path relative to `root` is accepted too). Returns what was deleted; SettingsError names a file outside."""
+    root = Path(root).expanduser().resolve()
+    deleted = []
+    for name in files:
+        path = Path(name).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = root / path
+        path = path.resolve()
+        if not path.is_relative_to(root):
+            raise SettingsError([f"--force {name}: only files under the weights folder {root} are deleted and "
+                                 "fetched again; give the path printed in the error message"])
+        if path.is_dir():
+            raise SettingsError([f"--force {name}: {path} is a folder; give one file in it"])
+        if path.is_file():
+            path.unlink()
+            deleted.append(path)
+    return deleted
+
+
 def root_of(weights: WeightPaths) -> Path:
     """The weights folder a WeightPaths came from (InstantID/ControlNetModel sits two levels below it)."""
     return Path(weights.controlnet).parent.parent
@@ -303,8 +404,6 @@ def ensure_controlnet(weights: WeightPaths, repo: str, download: str, *, downloa
 
 def _pickle_to_fp16_safetensors(source: Path, target: Path) -> None:
     """Pickled state dict (loaded weights_only, memory-mapped) -> fp16 safetensors, written then renamed."""
-    import zipfile
-
     import torch
     from safetensors.torch import save_file
 

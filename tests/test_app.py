@@ -15,8 +15,9 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from instantid_colab import app, cli, faces, memory, pipeline, settings, styles
+from instantid_colab import app, cli, memory, pipeline, schedulers, settings, styles
 from instantid_colab.smoke import SMOKE_LABEL
+from tests.pictures import png_header_only
 
 
 def _session(smoke: bool = True):
@@ -81,7 +82,7 @@ def test_check_image_file_accepts_a_photo_and_refuses_what_no_detector_can_use(t
     Image.new("RGB", (640, 480), (10, 20, 30)).save(photo)
     note.write_text("not an image")
     Image.new("RGB", (32, 48)).save(tiny)
-    Image.new("1", (8000, 6000)).save(huge)
+    png_header_only(huge, 20000, 15000)
 
     opened = app.check_image_file(photo, "face photo")
     assert opened.size == (640, 480) and opened.getpixel((0, 0)) == (10, 20, 30)
@@ -89,7 +90,7 @@ def test_check_image_file_accepts_a_photo_and_refuses_what_no_detector_can_use(t
         app.check_image_file(note, "face photo")
     with pytest.raises(app.InputError, match="^face photo: tiny.png is 32x48; faces need at least 64 px"):
         app.check_image_file(tiny, "face photo")
-    with pytest.raises(app.InputError, match="^pose image: huge.png is 8000x6000 \\(48 MP\\); the limit is 40 MP"):
+    with pytest.raises(app.InputError, match="^pose image: huge.png is 300 MP, above the 256 MP that Pillow opens safely"):
         app.check_image_file(huge, "pose image")
 
 
@@ -138,10 +139,10 @@ def test_page_lists_styles_and_schedulers_from_the_core_and_sizes_from_the_prese
     dropdowns = {dropdown.label: dropdown for dropdown in _components(blocks, gr.Dropdown)}
     assert _choices(dropdowns["Style"]) == list(styles.STYLES)
     assert len(styles.STYLES) == 9
-    assert _choices(dropdowns["Scheduler"]) == [name for name in pipeline.SCHEDULERS if name != "LCM"]
+    assert _choices(dropdowns["Scheduler"]) == [name for name in schedulers.SCHEDULERS if name != "LCM"]
     assert "DPM++ 2M Karras" in _choices(dropdowns["Scheduler"])
     assert dropdowns["Scheduler"].value == "Euler"
-    assert _choices(dropdowns["Combine several faces"]) == list(faces.COMBINE_MODES)
+    assert _choices(dropdowns["Combine several faces"]) == list(settings.COMBINE_MODES)
     assert _choices(dropdowns["Output size"]) == list(app.SIZE_CHOICES)
     assert [timer.value for timer in _components(blocks, gr.Timer)] == [app.MEMORY_REFRESH_S]
     sliders = {slider.label: slider for slider in _components(blocks, gr.Slider)}
@@ -180,6 +181,55 @@ def test_launch_refuses_a_bad_login_before_serving():
         app.launch(_session(), auth="alice", share=False, block=False)
 
 
+class FakeLaunch:
+    """gr.Blocks.launch as `app.launch` calls it: records the options, returns a share link when asked."""
+
+    def __init__(self) -> None:
+        self.options: list[dict] = []
+
+    def __call__(self, **options):
+        self.options.append(options)
+        return None, "http://127.0.0.1:7860/", "https://0123abcd.gradio.live" if options["share"] else None
+
+
+@pytest.fixture
+def fake_launch(monkeypatch) -> FakeLaunch:
+    fake = FakeLaunch()
+    monkeypatch.setattr(gr.Blocks, "launch", lambda blocks, **options: fake(**options))
+    return fake
+
+
+def test_a_share_link_without_a_login_gets_a_random_one_printed_beside_it(fake_launch, capsys):
+    first = app.launch(_session(), share=True, block=False)
+    second = app.launch(_session(), share=True, block=False)
+    user, password = first.login
+    assert fake_launch.options[0]["auth"] == (user, password) and fake_launch.options[0]["share"] is True
+    assert re.fullmatch(r"user-[0-9a-f]{6}", user) and len(password) >= 16
+    assert second.login != first.login  # made anew for each run
+    printed = capsys.readouterr().out.splitlines()[0]
+    assert printed.startswith(f"Share link https://0123abcd.gradio.live: log in as user {user}, password {password}")
+
+
+def test_a_given_login_is_used_and_no_auth_serves_the_link_open_on_purpose(fake_launch, capsys):
+    assert app.launch(_session(), share=True, auth="me:secret", block=False).login == ("me", "secret")
+    assert fake_launch.options[-1]["auth"] == ("me", "secret")
+    assert capsys.readouterr().out == ""  # the user knows their own login
+    assert app.launch(_session(), share=True, open_access=True, block=False).login is None
+    assert fake_launch.options[-1]["auth"] is None
+    assert "has no login (--no-auth): anyone who sees it can use the app" in capsys.readouterr().out
+
+
+def test_a_local_address_needs_no_login_and_share_follows_colab(fake_launch, monkeypatch, capsys):
+    from instantid_colab import environment
+
+    assert app.launch(_session(), block=False).share_url is None  # not in Colab: local only
+    assert fake_launch.options[-1]["share"] is False and fake_launch.options[-1]["auth"] is None
+    monkeypatch.setattr(environment, "in_colab", lambda: True)
+    launched = app.launch(_session(), block=False)
+    assert fake_launch.options[-1]["share"] is True and launched.login is not None
+    assert "log in as user" in capsys.readouterr().out
+
+
 def test_cli_app_reports_a_bad_login_and_exits_2(capsys):
     assert cli.main(["app", "--smoke", "--auth", "alice"]) == 2
     assert "--auth: auth must be USER:PASSWORD" in capsys.readouterr().err
@@ -187,7 +237,8 @@ def test_cli_app_reports_a_bad_login_and_exits_2(capsys):
 
 def test_cli_app_options_parse():
     args = cli.build_parser().parse_args(["app", "--smoke", "--no-share", "--auth", "a:b", "--port", "7001"])
-    assert (args.smoke, args.share, args.auth, args.port) == (True, False, "a:b", 7001)
+    assert (args.smoke, args.share, args.auth, args.port, args.no_auth) == (True, False, "a:b", 7001, False)
+    assert cli.build_parser().parse_args(["app", "--share", "--no-auth"]).no_auth is True
     assert cli.build_parser().parse_args(["app"]).share is None
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
-from instantid_colab import controls, memory, pipeline, smoke
+from instantid_colab import controlnets, controls, memory, pipeline, smoke
 from instantid_colab.controls import Control
 from instantid_colab.identity import IdentityNet
 from instantid_colab.settings import SettingsError
@@ -78,8 +78,8 @@ def test_start_and_end_switch_a_control_on_for_its_fraction_of_the_steps(session
 
 def test_photos_are_annotated_once_and_maps_are_used_as_given(session, face, calls, monkeypatch):
     made = []
-    original = controls.canny_map
-    monkeypatch.setattr(controls, "canny_map", lambda image: made.append(1) or original(image))
+    original = controlnets.canny_map
+    monkeypatch.setattr(controlnets, "canny_map", lambda image: made.append(1) or original(image))
     for seed in (3, 4):
         result = pipeline.generate(session, face, steps=1, seed=seed, controls=[Control("canny", face)], **SIZE)
     assert made == [1]  # the second run reused the annotation of the same photo
@@ -101,7 +101,7 @@ def test_openpose_keypoints_from_coco_add_the_neck_and_drop_unsure_points():
     coco = np.array([[float(i), float(10 * i)] for i in range(17)])
     scores = np.ones(17)
     scores[9] = 0.1  # left wrist not seen
-    points = controls.openpose_keypoints(coco, scores)
+    points = controlnets.openpose_keypoints(coco, scores)
     assert len(points) == 18
     assert points[0] == (0.0, 0.0)  # nose
     assert points[1] == ((5 + 6) / 2, (50 + 60) / 2)  # neck = between the shoulders
@@ -113,7 +113,7 @@ def test_openpose_keypoints_from_coco_add_the_neck_and_drop_unsure_points():
 def test_openpose_drawing_colours_joints_and_dims_limbs():
     points = [None] * 18
     points[1], points[2] = (50.0, 50.0), (90.0, 50.0)  # neck -> right shoulder, limb 0 (red)
-    image = np.asarray(controls.draw_openpose((128, 100), points))
+    image = np.asarray(controlnets.draw_openpose((128, 100), points))
     assert tuple(image[50, 50]) == (255, 85, 0) and tuple(image[50, 90]) == (255, 170, 0)  # joint dots, full colour
     assert tuple(image[50, 70]) == (153, 0, 0)  # the limb between them: red x 0.6
     assert tuple(image[10, 10]) == (0, 0, 0)

@@ -22,6 +22,7 @@ COLAB = {
     "diffusers": "0.29.0", "transformers": "4.53.0", "accelerate": "1.8.0", "huggingface-hub": "0.33.0",
     "safetensors": "0.5.3", "psutil": "5.9.5", "packaging": "24.2", "pillow": "11.2.1", "gradio": "5.31.0",
     "opencv-python": "4.11.0.86", "scipy": "1.15.3", "tqdm": "4.67.1", "requests": "2.32.3", "peft": "0.15.2",
+    "matplotlib": "3.10.0",
 }
 
 

@@ -4,6 +4,7 @@ or one message naming the file and what to do."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image, ImageCms
 
 from instantid_colab import images
 from instantid_colab.images import ImageInputError, open_image
+from tests.pictures import png_header_only
 
 SIZE = (96, 80)
 
@@ -119,7 +121,7 @@ def test_heic_without_pillow_heif_says_how_to_get_it(tmp_path, monkeypatch):
                                                    r"recognises\); use a JPG, PNG, WebP or HEIC photo\.$"),
     (lambda p: None, r"^face photo: .*/x does not exist\. Check the path"),
     (lambda p: p.write_bytes(_jpeg()[:700]), r"^face photo: .*/x is damaged or cut off \(image file is truncated"),
-    (lambda p: Image.new("1", (9000, 9000)).save(p, format="PNG"), r"is 9000x9000 \(81 MP\); the limit is 40 MP"),
+    (lambda p: png_header_only(p, 20000, 15000), r"is 300 MP, above the 256 MP that Pillow opens safely"),
     (lambda p: Image.new("RGB", (63, 500)).save(p, format="PNG"), r"is 63x500; faces need at least 64 px a side"),
 ])
 def test_unusable_files_get_one_message_naming_them(tmp_path, make, message):
@@ -145,3 +147,53 @@ def _jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(noise).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
+
+
+def test_an_81_mp_photo_is_accepted_and_decoded_to_the_working_size(tmp_path):
+    """It was refused ("the limit is 40 MP"); phones take 48 and 200 MP photos."""
+    path = tmp_path / "big.png"
+    Image.new("1", (9000, 6000), 1).save(path)
+    image = open_image(path, "face photo")
+    assert image.size == (2048, 1365) and image.mode == "RGB" and _pixel(image) == (255, 255, 255)
+    assert open_image(path, "face photo", max_side=None).size == (9000, 6000)
+
+
+PEAK_RSS = """
+import json, re, sys
+from pathlib import Path
+from instantid_colab.images import open_image
+
+def peak_mib():  # VmHWM: this process's own peak (ru_maxrss would start from the parent's RSS after exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text())[1]) // 1024
+
+open_image(sys.argv[2])  # the lazy imports of a first open are not counted
+before = peak_mib()
+image = open_image(sys.argv[1])
+print(json.dumps([image.size, image.getpixel((1000, 750)), peak_mib() - before]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux's /proc")
+def test_a_big_jpeg_is_decoded_at_reduced_scale_not_in_full(tmp_path):
+    """A 48 MP JPEG (8000x6000) fully decoded is 144 MB of RGB (about 550 MiB at the peak with the conversions,
+    benchmarks/bench_large_photo.py); at libjpeg's 1/4 scale, 2000x1500, about 35 MiB."""
+    import json
+    import subprocess
+    import sys
+
+    photo = Image.new("RGB", (8000, 6000), (40, 60, 80))
+    photo.paste((230, 200, 170), (3000, 2000, 5000, 4000))
+    photo.save(tmp_path / "phone.jpg", quality=90)
+    Image.new("RGB", (256, 256)).save(tmp_path / "small.jpg")
+    del photo
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path / "phone.jpg"), str(tmp_path / "small.jpg")],
+                          capture_output=True, text=True, check=True)
+    size, pixel, grown_mib = json.loads(done.stdout)
+    assert size == [2000, 1500] and all(abs(a - b) <= 3 for a, b in zip(pixel, (230, 200, 170)))
+    assert grown_mib < 100, f"peak RSS grew {grown_mib} MiB: the JPEG was decoded at full size"
+
+
+def test_a_pil_image_handed_in_is_never_changed():
+    original = Image.new("RGB", (4000, 3000), (1, 2, 3))
+    image = open_image(original)
+    assert image.size == (2048, 1536) and original.size == (4000, 3000)

@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,9 +21,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from instantid_colab import cli, pipeline, smoke
+from instantid_colab import cli, memory, pipeline, smoke
 from instantid_colab.pose import cli as pose_cli
+from instantid_colab.settings import SettingsError
+from tests.pictures import png_header_only
 
 QUICK = ["--smoke", "--steps", "1", "--seed", "3"]
 
@@ -71,6 +75,44 @@ def evil_pickle(path: Path) -> Path:
     return path
 
 
+def face_jpeg(path: Path, side: int) -> Path:
+    """The smoke face as a `side` x `side` JPEG (8000: 64 MP, as phones write them)."""
+    smoke.sample_face_image().resize((side, side), Image.NEAREST).save(path, quality=90)
+    return path
+
+
+def damaged_smoke_weights(relative: str, text: str | None = None) -> Callable[[Path], str]:
+    """A copy of the smoke weights beside the work folder with one file damaged (replaced by `text`, or cut in
+    half); returns the INSTANTID_WEIGHTS value that makes `--smoke` use the copy."""
+    def make(folder: Path) -> str:
+        root = folder.parent / "weights"
+        shutil.copytree(smoke.default_smoke_root(), root / "smoke")
+        damaged = root / "smoke" / relative
+        if text is not None:
+            damaged.write_text(text)
+        else:
+            damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+        return str(root)
+    return make
+
+
+def downloaded(folder: Path) -> Path:
+    """Every file `download` fetches, present and valid but tiny, under folder/w (so the 2.5 GB IdentityNet is not
+    the size it must be)."""
+    from instantid_colab import weights
+
+    root = folder / "w"
+    files = [s.local_dir / f for s in weights.sources(root) for f in s.files]
+    files += [root / "faces" / weights.ANTELOPEV2_DIR / name for name in weights.ANTELOPEV2_FILES]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            save_file({"w": torch.zeros(4)}, str(path))
+        else:
+            path.write_text("{}")
+    return root
+
+
 @dataclass
 class Case:
     argv: Callable[[Path], list[str]]  # builds the command line in a fresh folder
@@ -79,7 +121,7 @@ class Case:
     main: Callable = cli.main
     check: Callable[[Path], None] | None = None  # extra assertions on the folder after a success
     changes_files: bool = False
-    env: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # a value may be a function of the work folder
 
 
 def out(folder: Path) -> str:
@@ -170,8 +212,9 @@ CASES = {
                                        r"pose image: .*p\.jpg is not a picture"),
     "face photo too small": Case(lambda f: [*QUICK, "--face", str(_tiny(f / "s.png")), "--out", out(f)], 1,
                                  r"face photo: .*s\.png is 32x32; faces need at least 64 px a side"),
-    "face photo too large": Case(lambda f: [*QUICK, "--face", str(_huge(f / "h.png")), "--out", out(f)], 1,
-                                 r"h\.png is 9000x9000 \(81 MP\); the limit is 40 MP"),
+    "face photo above Pillow's limit": Case(lambda f: [*QUICK, "--face", str(png_header_only(f / "h.png", 20000, 15000)),
+                                                    "--out", out(f)], 1,
+                                            r"h\.png is 300 MP, above the 256 MP that Pillow opens safely"),
     "grey photo has no face": Case(lambda f: [*QUICK, "--face", str(_grey(f / "g.png")), "--out", out(f)], 1,
                                    r"No face found \(tried detection sizes 640/480/320/256 and a padded copy\)"),
     "size not a multiple of 64": Case(lambda f: [*QUICK, "--width", "1000", "--height", "1000", "--out", out(f)], 2,
@@ -248,6 +291,37 @@ CASES = {
                                         1, r"start photo: .*s\.jpg is not a picture"),
     "prompt in many scripts": Case(lambda f: [*QUICK, "--prompt", "портрет 肖像 🙂 " * 20, "--out", out(f)], 0,
                                    r"saved .*out/x\.png", check=written("out/x.png"), changes_files=True),
+    # --- issue 17: big photos, damaged model files, every option range-checked --------------------------
+    "64 MP phone photo of a face": Case(lambda f: [*QUICK, "--face", str(face_jpeg(f / "phone.jpg", 8000)), "--out",
+                                                   out(f)], 0, r"saved .*out/x\.png", check=written("out/x.png"),
+                                        changes_files=True),
+    "face model that is not ONNX": Case(lambda f: [*QUICK, "--out", out(f)], 1,
+                                        r"the face models \(antelopev2\): .*/glintr100\.onnx is damaged \(DecodeError.*"
+                                        r"python -m instantid_colab download --force .*/glintr100\.onnx",
+                                        env={"INSTANTID_WEIGHTS": damaged_smoke_weights(
+                                            "faces/models/antelopev2/glintr100.onnx", "not an ONNX model")}),
+    "truncated UNet file": Case(lambda f: [*QUICK, "--out", out(f)], 1,
+                                r"UNet2DConditionModel: .*unet/diffusion_pytorch_model\.safetensors is damaged "
+                                r"\(SafetensorError: .*download --force .*diffusion_pytorch_model\.safetensors",
+                                env={"INSTANTID_WEIGHTS": damaged_smoke_weights(
+                                    "base/smoke-sdxl/unet/diffusion_pytorch_model.safetensors")}),
+    "wrong-size IdentityNet download": Case(lambda f: ["download", "--weights-dir", str(downloaded(f))], 1,
+                                            r"diffusion_pytorch_model\.safetensors is \d+ bytes but ControlNetModel/"
+                                            r"diffusion_pytorch_model\.safetensors must be 2,502,139,136 bytes \(a "
+                                            r"partial or wrong download\)\. Fetch it again: `python -m instantid_colab "
+                                            r"download --force .*ControlNetModel/diffusion_pytorch_model\.safetensors`",
+                                            changes_files=True, env={"HF_HUB_OFFLINE": "1"}),
+    "download --force outside the weights folder": Case(
+        lambda f: ["download", "--weights-dir", str(f / "w"), "--force", str(_touch(f / "notes.txt"))], 2,
+        r"--force .*notes\.txt: only files under the weights folder .* are deleted and fetched again"),
+    "batch on 0 GPUs": Case(lambda f: ["batch", str(f / "m.csv"), "--gpus", "0", "--smoke"], 2,
+                            r"gpus 0 is out of range: use 1 to 64"),
+    "app on port 70000": Case(lambda f: ["app", "--smoke", "--port", "70000"], 2,
+                              r"port 70000 is out of range: use 1 to 65535"),
+    "app with a login and without one": Case(lambda f: ["app", "--smoke", "--auth", "a:b", "--no-auth"], 2,
+                                             r"argument --no-auth: not allowed with argument --auth"),
+    "pose bench with batch 0": Case(lambda f: ["bench", "--smoke", "--batch", "0", "--out", str(f / "b")], 2,
+                                    r"batch 0 is out of range: use 1 to 4096", main=pose_cli.main),
 }
 
 
@@ -258,11 +332,6 @@ def _touch(path: Path) -> Path:
 
 def _tiny(path: Path) -> Path:
     Image.new("RGB", (32, 32)).save(path)
-    return path
-
-
-def _huge(path: Path) -> Path:
-    Image.new("1", (9000, 9000)).save(path)
     return path
 
 
@@ -279,10 +348,10 @@ def _random_bytes(path: Path) -> Path:
 @pytest.mark.parametrize("name", CASES)
 def test_odd_input(name, tmp_path, capsys, monkeypatch):
     case = CASES[name]
-    for key, value in case.env.items():
-        monkeypatch.setenv(key, value)
     folder = tmp_path / "work"
     folder.mkdir()
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value(folder) if callable(value) else value)
     argv = case.argv(folder)
     if case.main is cli.main and argv[0] == "--smoke":
         argv = ["generate", *argv]
@@ -304,7 +373,7 @@ def test_odd_input(name, tmp_path, capsys, monkeypatch):
 
 
 def test_corpus_size():
-    assert len(CASES) >= 47  # the issue's 17 + 30 of our own
+    assert len(CASES) >= 57  # the first issue's 17 + 30 of our own, + issue 17's 10 + 5 before it
 
 
 def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):
@@ -338,3 +407,39 @@ def test_evil_pickle_never_ran(tmp_path, capfd):
     assert "owned" not in capfd.readouterr().out
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "x.tar", weights_only=True)
+
+
+# --- the public Python API: the same LIMITS, the same SettingsError --------------------------------------------
+def _faces_with_det_size(size):
+    from instantid_colab import faces
+
+    return faces.FaceAnalyzer(Path(smoke.build_smoke_weights().face_root), det_size=size)
+
+
+def _open_with_max_side(side):
+    from instantid_colab import images
+
+    return images.open_image(smoke.sample_face_image(), "face photo", max_side=side)
+
+
+API_CASES = {
+    "choose_plan at 0x0": (lambda: memory.choose_plan(11.0, 14.7, 0, 0), r"width 0 is out of range: use 64 to 1280"),
+    "choose_plan with batch -1": (lambda: memory.choose_plan(11.0, 14.7, batch=-1),
+                                  r"batch -1 is out of range: use 1 to 8"),
+    "choose_plan with negative RAM": (lambda: memory.choose_plan(-3, 14.7), r"ram_available_gib -3.0 is out of range"),
+    "choose_plan with NaN VRAM": (lambda: memory.choose_plan(11.0, float("nan")), r"vram_free_gib nan is not a number"),
+    "step_down at 1000x1000": (lambda: memory.step_down(memory.choose_plan(11.0, 14.7), ram_available_gib=11.0,
+                                                        width=1000, height=1000),
+                               r"size 1000x1000: width and height must be multiples of 64"),
+    "plan_controls with batch 0": (lambda: memory.plan_controls(memory.choose_plan(11.0, None), {}, None, 8.0, batch=0),
+                                   r"batch 0 is out of range"),
+    "open_image with max_side 0": (lambda: _open_with_max_side(0), r"max_side 0 is out of range: use 64 to 65535"),
+    "FaceAnalyzer with det_size 10": (lambda: _faces_with_det_size(10), r"det_size 10 is out of range: use 160 to 1280"),
+}
+
+
+@pytest.mark.parametrize("name", API_CASES)
+def test_public_functions_check_their_arguments_like_the_cli(name):
+    call, message = API_CASES[name]
+    with pytest.raises(SettingsError, match=message):
+        call()

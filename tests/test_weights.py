@@ -1,14 +1,22 @@
+import struct
 from pathlib import Path
 
 import pytest
 
 from instantid_colab import weights
-from instantid_colab.weights import MissingWeightsError, WeightSizeError, ensure_weights
+from instantid_colab.weights import DamagedWeightsError, MissingWeightsError, ensure_weights
 
 
 def _expected_files(root: Path) -> list[Path]:
     files = [s.local_dir / f for s in weights.sources(root) for f in s.files]
     return files + [root / "faces" / weights.ANTELOPEV2_DIR / f for f in weights.ANTELOPEV2_FILES]
+
+
+def _file_bytes(name: str, size: int) -> bytes:
+    """`size` bytes; a .safetensors file is a valid empty one (an 8-byte header length, then `{}` padded)."""
+    if name.endswith(".safetensors"):
+        return struct.pack("<Q", size - 8) + b"{}" + b" " * (size - 10)
+    return b"x" * size
 
 
 def _writer(sizes: dict[str, int] | None = None, fail: set[str] = frozenset()):
@@ -22,7 +30,7 @@ def _writer(sizes: dict[str, int] | None = None, fail: set[str] = frozenset()):
         for file in source.files:
             path = source.local_dir / file
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"x" * (sizes or {}).get(file, 16))
+            path.write_bytes(_file_bytes(file, (sizes or {}).get(file, 16)))
 
     download.calls = calls
     return download
@@ -51,7 +59,7 @@ def test_offline_mode_never_calls_the_hub(tmp_path):
 
 
 def test_wrong_size_names_the_file_and_both_sizes(tmp_path):
-    with pytest.raises(WeightSizeError) as caught:
+    with pytest.raises(DamagedWeightsError) as caught:
         ensure_weights(tmp_path, downloader=_writer(), progress=False)
     message = str(caught.value)
     assert "ControlNetModel/diffusion_pytorch_model.safetensors" in message
@@ -152,3 +160,60 @@ def test_missing_controlnet_and_annotator_say_where_to_put_them(tmp_path):
     with pytest.raises(MissingWeightsError, match=r"The annotator depth-anything/Depth-Anything-V2-Small-hf is missing"):
         weights.ensure_annotator(_paths(tmp_path), "depth-anything/Depth-Anything-V2-Small-hf", ("config.json",),
                                  offline=True)
+
+
+def test_a_cut_off_safetensors_file_is_refused_with_the_command_that_fetches_it_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "KNOWN_SIZES", {})
+    ensure_weights(tmp_path, downloader=_writer(), progress=False)
+    unet = tmp_path / "base" / "wangqixun--YamerMIX_v8" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:12])
+    with pytest.raises(DamagedWeightsError) as caught:
+        ensure_weights(tmp_path, downloader=_writer(), progress=False)
+    assert str(caught.value).startswith(f"{unet} is damaged (SafetensorError: ")
+    assert f"`python -m instantid_colab download --force {unet}`" in str(caught.value)
+
+
+def test_download_force_deletes_the_file_and_the_next_download_fetches_only_its_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "KNOWN_SIZES", {})
+    ensure_weights(tmp_path, downloader=_writer(), progress=False)
+    unet = tmp_path / "base" / "wangqixun--YamerMIX_v8" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.forget([unet], tmp_path) == [unet] and not unet.exists()
+    hub = _writer()
+    ensure_weights(tmp_path, downloader=hub, progress=False)
+    assert hub.calls == ["wangqixun/YamerMIX_v8"] and unet.is_file()
+    relative = Path("InstantID") / "ip-adapter.bin"
+    assert weights.forget([relative], tmp_path) == [tmp_path / relative]  # relative to the weights folder
+
+
+def test_download_force_never_deletes_outside_the_weights_folder(tmp_path):
+    from instantid_colab.settings import SettingsError
+
+    (tmp_path / "w").mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(SettingsError, match=r"--force .*notes\.txt: only files under the weights folder"):
+        weights.forget([notes], tmp_path / "w")
+    with pytest.raises(SettingsError, match=r"is a folder; give one file in it"):
+        weights.forget([tmp_path / "w"], tmp_path / "w")
+    assert notes.read_text() == "mine"
+
+
+def test_reading_names_the_damaged_file_and_lets_other_failures_through(tmp_path):
+    import torch
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"w": torch.zeros(8)}, folder / "pytorch_model.bin")
+    with pytest.raises(KeyError):  # intact files: the loader's own error is not ours to rename
+        with weights.reading("the test model", folder):
+            raise KeyError("w")
+    pickled = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(pickled[: len(pickled) // 2])  # a cut-off torch zip
+    with pytest.raises(DamagedWeightsError, match=r"^the test model: .*pytorch_model\.bin is damaged \(BadZipFile"):
+        with weights.reading("the test model", folder):
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+    (folder / "config.json").write_text("{not json")
+    assert weights.damaged_file(folder / "config.json").startswith("JSONDecodeError")
+    (folder / "model.onnx").write_bytes(b"")
+    assert weights.damaged_file(folder / "model.onnx") == "it is empty (0 bytes)"

@@ -7,7 +7,7 @@ import json
 import sys
 
 from instantid_colab import cli_errors
-from instantid_colab.pose.checkpoints import CheckpointError
+from instantid_colab.settings import SettingsError, check_arguments
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -25,9 +25,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from instantid_colab.pose.benchmark import SMOKE_LABEL, run_benchmark, run_smoke
-
     from instantid_colab.pose.variants import get_variant
 
+    check_arguments(batch=(args.batch, "pose_batch"))
     variants = [get_variant(v.strip()).name for v in args.variants.split(",")] if args.variants else None
     if args.smoke:
         print(SMOKE_LABEL)
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return cli_errors.run(args.handler, args, user_errors=(CheckpointError, FileNotFoundError, ValueError))
+    return cli_errors.run(args.handler, args, user_errors=(FileNotFoundError, ValueError),  # CheckpointError too
+                          usage_errors=(SettingsError,))
 
 
 if __name__ == "__main__":

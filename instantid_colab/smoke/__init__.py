@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SMOKE_LABEL = "smoke: random weights"
+from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
 _VERSION = 2  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
-    from instantid_colab.weights import default_root
-
     return default_root() / "smoke"
 
 
@@ -74,8 +72,6 @@ def write_smoke_controls(root: Path, unet) -> None:
 
 def build_smoke_weights(root: str | Path | None = None):
     """Write (once) tiny random-weight InstantID files under `root`; returns WeightPaths(smoke=True)."""
-    from instantid_colab.weights import ANTELOPEV2_DIR, WeightPaths
-
     root = Path(root).expanduser() if root is not None else default_smoke_root()
     paths = WeightPaths(
         base=str(root / "base" / "smoke-sdxl"),
