@@ -19,7 +19,8 @@ from typing import Any, Callable, NamedTuple
 import gradio as gr
 from PIL import Image
 
-from instantid_colab import controls, environment, images, loras, memory, pipeline, schedulers, settings, styles
+from instantid_colab import (controls, environment, images, loras, memory, people, pipeline, schedulers, settings,
+                             styles)
 from instantid_colab.smoke import SMOKE_LABEL
 from instantid_colab.weights import DamagedWeightsError, MissingWeightsError
 
@@ -164,6 +165,27 @@ def page_loras(text: str, files, scale) -> list[loras.Lora]:
     return typed + [loras.Lora(str(path), scale) for path in files or ()]
 
 
+def page_people(paths: list, order: str) -> tuple[list[people.Person], list[int] | None]:
+    """The People section: one photo per person, 2 to 4 of them, and the optional order; none given: ([], None)."""
+    paths = [path for path in paths if path]
+    if not paths:
+        return [], None
+    if len(paths) == 1:
+        raise InputError("People: give photos of 2 to 4 people (for one person, use the face photo above)")
+    chosen = [people.Person((check_image_file(path, f"photo of person {index}"),)) for index, path in enumerate(paths, 1)]
+    ordered = people.parse_order(order, len(chosen))
+    return people.check_people(chosen, ordered), ordered
+
+
+def _captions(result: pipeline.GenerationResult, index: int) -> str:
+    """Under each image: the label or seed, its number, and its likeness (one per person with several)."""
+    caption = f"{result.label or f'seed {result.seed}'} · #{index + 1} · "
+    if result.people_likeness:
+        return caption + " · ".join(f"person {number}: {score.render()}"
+                                    for number, score in enumerate(result.people_likeness[index], 1))
+    return caption + result.likeness[index].render()
+
+
 def _generate_handler(session: pipeline.InstantIDSession, stop_requested: threading.Event | None = None) -> Callable:
     """The click handler: validate, call `pipeline.generate`, turn its result into page outputs.
 
@@ -175,15 +197,18 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
     def run(face_path, extra_face_files, combine, pose_path, prompt, negative_prompt, style, identitynet_strength,
             adapter_strength, steps, guidance_scale, scheduler, seed, randomize_seed, enhance_non_face, negative_noise,
             lcm, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None, init_strength=0.8,
-            progress=gr.Progress(), **control_values):
+            person_1=None, person_2=None, person_3=None, person_4=None, order="", progress=gr.Progress(),
+            **control_values):
         stop_requested.clear()
         try:
-            if not face_path:
-                raise InputError("upload a face photo first (a clear, front-facing photo works best)")
-            face = check_image_file(face_path, "face photo")
-            extra_faces = tuple(check_image_file(path, "extra face photo") for path in extra_face_files or ())
+            cast, order = page_people([person_1, person_2, person_3, person_4], order)
+            if not face_path and not cast:
+                raise InputError("upload a face photo first (a clear, front-facing photo works best), or photos of "
+                                 "2 to 4 people under People")
+            face = check_image_file(face_path, "face photo") if not cast else None
+            extra_faces = tuple(check_image_file(path, "extra face photo") for path in extra_face_files or ()) if not cast else ()
             pose = check_image_file(pose_path, "pose image") if pose_path else None
-            chosen = page_controls(control_values, pose if pose is not None else face)
+            chosen = page_controls(control_values, pose if pose is not None else face or cast[0].photos[0])
             init = check_image_file(init_path, "start photo") if init_path else None
             width, height = parse_size(size) or (None, None)
             seed = random.randint(0, MAX_SEED) if randomize_seed else seed
@@ -200,7 +225,8 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
                 num_images=num_images, pose_image=pose, enhance_non_face=enhance_non_face,
                 negative_noise=negative_noise, combine=combine, lcm=lcm, extra_face_images=extra_faces,
                 controls=chosen, loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
-                init_strength=init_strength, callback=report_step, should_stop=stop_requested.is_set,
+                init_strength=init_strength, people=cast, order=order, callback=report_step,
+                should_stop=stop_requested.is_set,
             )
         except pipeline.GenerationStopped as stopped:
             message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
@@ -213,9 +239,7 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
                            "traceback is in the notebook/console output: please report it.") from error
         for notice in result.notices:
             gr.Warning(notice)
-        caption = result.label or f"seed {result.seed}"
-        gallery = [(result.images[index], f"{caption} · #{index + 1} · {result.likeness[index].render()}")
-                   for index in result.best_first()]
+        gallery = [(result.images[index], _captions(result, index)) for index in result.best_first()]
         maps = [(image, f"{control['kind']} ({control['source']}) → {control['model']}")
                 for image, control in zip(result.control_maps, result.settings["controls"])]
         notices = "\n\n".join(f"⚠️ {notice}" for notice in result.notices)
@@ -232,6 +256,23 @@ def _by_name(handler: Callable, named: dict[str, Any]) -> Callable:
         return handler(**{name: values[component] for name, component in named.items()}, progress=progress)
 
     return on_click
+
+
+def _people_section() -> dict[str, Any]:
+    """A collapsed section for 2 to 4 people, one photo each; returns its inputs by handler name."""
+    named = {}
+    with gr.Accordion("People: several in one picture", open=False):
+        gr.Markdown("Give photos of 2 to 4 people (one each); each keeps their own face in their own part of the "
+                    "picture, and the face photo above is not used. The pose image, if any, places them on its "
+                    "faces, left to right (or in the order below); without one they stand side by side.")
+        with gr.Row():
+            for number in range(1, 5):
+                named[f"person_{number}"] = gr.Image(label=f"Person {number}", type="filepath", height=140,
+                                                     elem_id=f"person-{number}",
+                                                     **_accepted(gr.Image.__init__, image_mode=None))
+        named["order"] = gr.Textbox(label="Order (with a pose image): the person for each of its faces, left to right",
+                                    placeholder="e.g. 2,1", elem_id="people-order")
+    return named
 
 
 def _control_sections() -> dict[str, Any]:
@@ -366,6 +407,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                         value=defaults["combine"],
                         label="Combine several faces",
                     )
+                people_inputs = _people_section()
                 control_inputs = _control_sections()
                 with gr.Accordion("Style LoRAs", open=False):
                     lora_text = gr.Textbox(
@@ -407,7 +449,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
             steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed, randomize_seed=randomize_seed,
             enhance_non_face=enhance, negative_noise=noise, lcm=lcm, size=size, num_images=num_images,
             lora_text=lora_text, lora_files=lora_files, lora_scale=lora_scale, init_path=init,
-            init_strength=init_strength, **control_inputs,
+            init_strength=init_strength, **people_inputs, **control_inputs,
         )  # fmt: skip
         stop_requested = threading.Event()
         generate.click(

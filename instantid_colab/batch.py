@@ -10,6 +10,7 @@ and when a process dies the others take over its row (its claim names a process 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import fcntl
@@ -26,7 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from instantid_colab import controls, loras, settings
+from instantid_colab import controls, loras, people, settings
 from instantid_colab.images import open_image
 
 RESULTS = "results.jsonl"
@@ -36,10 +37,10 @@ THUMB = 256
 # "loras", "extra_faces") are `;`-separated in CSV and may be JSON lists in JSONL.
 NUMBERS = ("steps", "guidance_scale", "identitynet_strength", "adapter_strength", "seed", "width", "height",
            "num_images", "negative_noise", "init_strength")
-TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name")
+TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name", "order")
 FLAGS = ("enhance_non_face", "lcm")
 PICTURES = ("face", "pose", "init_image")
-LISTS = ("extra_faces", "controls", "control_maps", "loras")
+LISTS = ("extra_faces", "controls", "control_maps", "loras", "people", "person_masks")
 COLUMNS = ("face", *TEXTS, *NUMBERS, *FLAGS, "pose", "init_image", *LISTS)
 
 
@@ -65,7 +66,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decoded(path)
     if path.suffix.lower() == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -80,8 +81,31 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         return rows
     if path.suffix.lower() != ".csv":
         raise ManifestError(f"manifest {path}: use a .csv (with a header row) or a .jsonl file")
+    lines = text.splitlines()
+    try:  # Excel writes ';' where the decimal comma is local, and tabs for "Unicode Text"
+        dialect = csv.Sniffer().sniff(lines[0] if lines else "", delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
     return [{key.strip(): value for key, value in row.items() if key is not None and value not in ("", None)}
-            for row in csv.DictReader(text.splitlines())]
+            for row in csv.DictReader(lines, dialect=dialect)]
+
+
+def _decoded(path: Path) -> str:
+    """The manifest's text in the encodings spreadsheet tools write: UTF-16 with its byte-order mark (Excel's
+    "Unicode Text"), UTF-8 with or without one ("CSV UTF-8"), else Windows-1252 (Excel's plain "CSV" on a
+    Western Windows). Anything else is refused, naming what to save it as."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        if "\x00" not in text:
+            return text
+    raise ManifestError(f"manifest {path} is not text in UTF-8, UTF-16 or Windows-1252: save it as \"CSV UTF-8\" "
+                        "(Excel: File > Save As > CSV UTF-8) or as JSONL in UTF-8")
 
 
 def _items(value) -> list[str]:
@@ -137,15 +161,23 @@ def _prepare(number: int, raw: dict[str, Any], base: Path, smoke: bool) -> Row:
     values: dict[str, Any] = {name: raw[name] for name in (*TEXTS, *NUMBERS) if name in raw}
     values.update({name: _flag(raw[name]) for name in FLAGS if name in raw})
     digests: dict[str, Any] = {}
-    if "face" not in raw and not smoke:
-        raise settings.SettingsError(["no face: the face column names the photo of the person"])
+    if "people" in raw:  # several people: `A.jpg+A2.jpg;B.jpg`, optional person_masks and order
+        if "face" in raw or "extra_faces" in raw:
+            raise settings.SettingsError(["give face (one person) or people (2 to 4), not both"])
+        values["people"], values["order"] = people.from_text(_items(raw["people"]), _items(raw.get("person_masks")),
+                                                             values.pop("order", None), base)
+        values["face_image"] = None
+    elif "person_masks" in raw or "order" in raw:
+        raise settings.SettingsError(["person_masks and order need a people column"])
+    elif "face" not in raw and not smoke:
+        raise settings.SettingsError(["no face: the face column names the photo of the person (or people, for 2 to 4)"])
     if smoke and "width" not in values and "height" not in values:
         from instantid_colab.smoke import SMOKE_SIZE  # tiny random models: seconds at 128 px, minutes at 1280
 
         values["width"] = values["height"] = SMOKE_SIZE
     if "face" in raw:
         values["face_image"] = open_image(_relative(base, raw["face"]), "face photo")
-    else:
+    elif "people" not in raw:
         from instantid_colab.smoke import sample_face_image
 
         values["face_image"] = sample_face_image()
@@ -167,8 +199,11 @@ def _prepare(number: int, raw: dict[str, Any], base: Path, smoke: bool) -> Row:
     digests["extra_face_images"] = [controls.image_digest(image) for image in values["extra_face_images"]]
     digests["controls"] = [{**vars(c), "image": controls.image_digest(c.image)} for c in values["controls"]]
     digests["loras"] = [vars(lora) for lora in values["loras"]]
-    plain = {key: value for key, value in values.items()
-             if key not in ("face_image", "pose_image", "init_image", "extra_face_images", "controls", "loras")}
+    digests["people"] = [{"photos": [controls.image_digest(photo) for photo in person.photos],
+                          "mask": person.mask and controls.image_digest(person.mask)} for person in values.get("people", ())]
+    plain = {key: value for key, value in values.items() if key not in (
+        "face_image", "pose_image", "init_image", "extra_face_images", "controls", "loras", "people", "order")}
+    digests["order"] = values.get("order")
     if "seed" not in plain:
         plain["seed"] = int(_digest({**plain, **digests})[:8], 16)  # stable per row content
     checked_plain = settings.check({**plain, "init_image": values.get("init_image")})
@@ -304,6 +339,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                 continue
             line.update(status="done", seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
                         identity_similarity=[likeness.similarity for likeness in result.likeness],
+                        people_similarity=[[score.similarity for score in scores] for scores in result.people_likeness],
                         settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
             if writing is not None:
                 writing.result()  # at most one row waits to be written

@@ -150,19 +150,22 @@ def _generate(args: argparse.Namespace) -> int:
     import random
 
     from instantid_colab import loras, memory, outputs, pipeline, settings
+    from instantid_colab.faces import Likeness
     from instantid_colab.images import open_image
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     values = settings.check({**_generation_values(args), "seed": seed})
     del values["seed"]
-    if args.face is None and not args.smoke:
-        raise settings.SettingsError(["--face is required: a photo with one clearly visible face"])
-    if args.face is None:
+    people, order = _people(args)
+    if args.face is None and not args.smoke and not people:
+        raise settings.SettingsError(["--face is required: a photo with one clearly visible face (or --person, once "
+                                      "per person, for 2 to 4 people)"])
+    if people or args.face is not None:
+        face = open_image(args.face, "face photo") if args.face is not None else None
+    else:
         from instantid_colab.smoke import sample_face_image
 
         face = sample_face_image()
-    else:
-        face = open_image(args.face, "face photo")
     extra_faces = [open_image(path, "extra face photo") for path in args.extra_face or ()]
     pose = open_image(args.pose, "pose image") if args.pose else None
     control_list = _controls(args)
@@ -177,7 +180,7 @@ def _generate(args: argparse.Namespace) -> int:
     session = pipeline.load_pipeline(weights, recorder=recorder)
     result = pipeline.generate(session, face, args.prompt, negative_prompt=args.negative_prompt, seed=seed,
                                pose_image=pose, extra_face_images=extra_faces, controls=control_list, loras=lora_list,
-                               **values)
+                               people=people, order=order, **values)
     for image, path in zip(result.images, paths):
         pipeline.save_png(image, path, overwrite=args.overwrite)
     if result.label:
@@ -196,7 +199,30 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"LoRA {lora['name']} x {lora['scale']}")
     for index in result.best_first():
         print(f"  {result.likeness[index].render():<52} saved {paths[index]}")
+        for number, person in enumerate(result.image_metadata(index).get("people", ()), 1):
+            score = Likeness(person["identity_similarity"], person["identity_similarity_note"])
+            print(f"    person {number} ({person['photos']} photo{'s' if person['photos'] > 1 else ''}, face box "
+                  f"{person['face_box']}): {score.render()}")
     return 0
+
+
+def _people(args: argparse.Namespace) -> tuple[list, list[int] | None]:
+    """--person (2 to 4 times), --person-mask, --order: checked, every photo opened (fails fast)."""
+    from instantid_colab import people
+    from instantid_colab.settings import SettingsError
+
+    if not args.person:
+        if args.person_mask or args.order:
+            raise SettingsError(["--person-mask and --order need --person (once per person)"])
+        return [], None
+    problems = []
+    if args.face is not None or args.extra_face:
+        problems.append("give --face (one person, with --extra-face photos) or --person (2 to 4 people), not both")
+    if len(args.person) == 1:
+        problems.append("--person is given once per person, 2 to 4 times; for one person use --face")
+    if problems:
+        raise SettingsError(problems)
+    return people.from_text(args.person, args.person_mask, args.order)
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -293,7 +319,16 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--width", type=int, help="multiple of 64, 64 to 1280 (with --height; default: from the photo)")
     generate.add_argument("--height", type=int)
     generate.add_argument("--num-images", type=int, default=1, help=limits("num_images", 1))
-    generate.add_argument("--pose", help="take the face keypoints (and output size) from this photo")
+    generate.add_argument("--pose", help="take the face keypoints (and output size) from this photo; with --person, "
+                                         "its faces place the people, left to right")
+    generate.add_argument("--person", action="append", metavar="PHOTO[+PHOTO...]",
+                          help="one person of several (2 to 4): their photo(s); each keeps their own face in their "
+                               "own region. Without --pose the people stand side by side")
+    generate.add_argument("--person-mask", action="append", metavar="MASK",
+                          help="where each person goes (white), one per --person, in order (default: head and "
+                               "shoulders around their face)")
+    generate.add_argument("--order", metavar="N,N,...",
+                          help="with --pose: the person for each face of the pose photo, left to right (e.g. 2,1)")
     generate.add_argument("--enhance-non-face", action=argparse.BooleanOptionalAction, default=True)
     generate.add_argument("--negative-noise", type=float, default=0.0, help=limits("negative_noise", 0.0))
     generate.add_argument("--lcm", action="store_true", help="LCM-LoRA: use ~5-10 steps, guidance ~1.5")

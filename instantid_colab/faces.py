@@ -64,6 +64,12 @@ def reference_direction(embedding: np.ndarray) -> np.ndarray:
     return direction / np.linalg.norm(direction)
 
 
+def likeness_of(reference: np.ndarray, face: Face) -> Likeness:
+    """Cosine similarity of `face`'s ArcFace embedding with the identity `reference` was made from."""
+    found = face.embedding / np.linalg.norm(face.embedding)
+    return Likeness(round(float(np.dot(reference_direction(reference), found)), 4))
+
+
 @dataclass
 class Face:
     """The face InstantID uses: box and keypoints in the ORIGINAL image's pixels, raw ArcFace embedding."""
@@ -79,6 +85,15 @@ class Face:
     @property
     def area(self) -> float:
         return float((self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1]))
+
+
+def _detection_copy(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """BGR for insightface, at most MAX_DETECT_SIDE a side, and the scale to map its coordinates back."""
+    scale = min(1.0, MAX_DETECT_SIDE / max(rgb.shape[:2]))
+    if scale < 1.0:
+        size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb[:, :, ::-1]), scale
 
 
 def draw_kps(size: tuple[int, int], kps: np.ndarray) -> Image.Image:
@@ -210,11 +225,7 @@ class FaceAnalyzer:
         return face
 
     def _detect(self, rgb: np.ndarray, retries: bool) -> Face:
-        scale = min(1.0, MAX_DETECT_SIDE / max(rgb.shape[:2]))
-        if scale < 1.0:
-            size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
-            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        bgr, scale = _detection_copy(rgb)
         face = self._find(bgr, self._det_sizes() if retries else [self.det_size])
         if face is None and not retries:
             raise NoFaceError(f"No face found at detection size {self.det_size}.")
@@ -232,26 +243,41 @@ class FaceAnalyzer:
         face.kps /= scale
         return face
 
+    def detect_all(self, image: ImageLike) -> list[Face]:
+        """Every face found at the first detection size that finds any, left to right by box centre, in
+        `image`'s pixel coordinates, each with its embedding (a layout photo of several people, or a picture
+        made of them). Empty when there is none."""
+        bgr, scale = _detection_copy(np.asarray(open_image(image, "layout photo", max_side=None)))
+        for size in self._det_sizes():
+            boxes, kpss = self._app.det_model.detect(bgr, input_size=(size, size))
+            if len(boxes):
+                found = [self._embedded(bgr, box, kps) for box, kps in zip(boxes, kpss)]
+                for face in found:
+                    face.bbox /= scale
+                    face.kps /= scale
+                return sorted(found, key=lambda face: face.bbox[0] + face.bbox[2])
+        return []
+
     def _det_sizes(self) -> list[int]:
         return [self.det_size] + [s for s in RETRY_DET_SIZES if s < self.det_size]
 
     def _find(self, bgr: np.ndarray, sizes: list[int]) -> Face | None:
         """Largest face at the first detection size that finds one; embedding for that face only."""
-        from insightface.app.common import Face as InsightFace
-
         for size in sizes:
             boxes, kpss = self._app.det_model.detect(bgr, input_size=(size, size))
             if len(boxes):
                 best = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
-                found = InsightFace(bbox=boxes[best, :4], kps=kpss[best], det_score=boxes[best, 4])
-                self._app.models["recognition"].get(bgr, found)
-                return Face(
-                    bbox=found.bbox.astype(np.float64),
-                    kps=found.kps.astype(np.float64),
-                    embedding=np.asarray(found.embedding, dtype=np.float32),
-                    det_score=float(found.det_score),
-                )
+                return self._embedded(bgr, boxes[best], kpss[best])
         return None
+
+    def _embedded(self, bgr: np.ndarray, box: np.ndarray, kps: np.ndarray) -> Face:
+        """One detection with its ArcFace embedding (insightface aligns the face by its keypoints)."""
+        from insightface.app.common import Face as InsightFace
+
+        found = InsightFace(bbox=box[:4], kps=kps, det_score=box[4])
+        self._app.models["recognition"].get(bgr, found)
+        return Face(bbox=found.bbox.astype(np.float64), kps=found.kps.astype(np.float64),
+                    embedding=np.asarray(found.embedding, dtype=np.float32), det_score=float(found.det_score))
 
     def likeness(self, reference: np.ndarray, image: ImageLike) -> Likeness:
         """Cosine similarity between `reference` (the generation's identity embedding) and the largest
@@ -261,8 +287,7 @@ class FaceAnalyzer:
             face = self.detect(image, retries=False)
         except NoFaceError:
             return Likeness(None, NO_FACE_IN_OUTPUT)
-        found = face.embedding / np.linalg.norm(face.embedding)
-        return Likeness(round(float(np.dot(reference_direction(reference), found)), 4))
+        return likeness_of(reference, face)
 
     def embed(self, images: ImageLike | list[ImageLike], combine: str = "average") -> tuple[np.ndarray, Face]:
         """Embedding for one or several photos of the same person, and the first photo's face (for keypoints)."""

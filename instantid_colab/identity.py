@@ -28,32 +28,40 @@ from instantid_colab.components import parameter_dtype
 
 
 class FaceRegion:
-    """The face box (1 inside, 0 outside) at output resolution, resized the official way for each consumer."""
+    """Where each person's identity acts (1 inside, 0 outside), at output resolution, resized the official way
+    for each consumer. One mask per person: one for the official single face (its box), several for several
+    people (`people.regions` makes them disjoint, so a position belongs to one person at most)."""
 
-    def __init__(self, mask: torch.Tensor):
-        """mask: [height, width] of 0/1 values (`pipeline.face_box_mask`), on the CPU; each use moves its own copy."""
-        self.mask = mask
-        self._resized: dict[tuple, torch.Tensor] = {}
+    def __init__(self, masks: torch.Tensor):
+        """masks: [people, height, width] or [height, width] (one person) of 0/1 values, on the CPU; each use
+        moves its own copy."""
+        self.masks = masks if masks.ndim == 3 else masks[None]
+        self._resized: dict[tuple, torch.Tensor | list[torch.Tensor]] = {}
 
-    def residual_weight(self, residual: torch.Tensor) -> torch.Tensor:
-        """[1, 1, h, w] for an IdentityNet residual: bilinear, as the official control mask list."""
-        key = ("residual", tuple(residual.shape[-2:]), residual.dtype, residual.device)
+    @property
+    def people(self) -> int:
+        return self.masks.shape[0]
+
+    def residual_weight(self, residual: torch.Tensor, person: int = 0) -> torch.Tensor:
+        """[1, 1, h, w] for an IdentityNet residual of `person`: bilinear, as the official control mask list."""
+        key = ("residual", person, tuple(residual.shape[-2:]), residual.dtype, residual.device)
         if key not in self._resized:
-            box = self.mask[None, None].to(residual.device, residual.dtype)
+            box = self.masks[person][None, None].to(residual.device, residual.dtype)
             self._resized[key] = F.interpolate(box, size=residual.shape[-2:], mode="bilinear")
         return self._resized[key]
 
-    def attention_rows(self, num_queries: int, device: torch.device) -> torch.Tensor:
-        """Indices of the attention-map positions inside the face: the official mask, resized with nearest
-        and the official ratio arithmetic, is 1 there and 0 everywhere else."""
+    def attention_rows(self, num_queries: int, device: torch.device) -> list[torch.Tensor]:
+        """Per person, the indices of the attention-map positions inside their region: the official mask,
+        resized with nearest and the official ratio arithmetic, is 1 there and 0 everywhere else."""
         key = ("attention", num_queries, device)
         if key not in self._resized:
-            height, width = self.mask.shape
+            height, width = self.masks.shape[-2:]
             ratio = (height * width / num_queries) ** 0.5
-            resized = F.interpolate(self.mask[None, None].float(), scale_factor=1 / ratio, mode="nearest").reshape(-1)
-            if resized.numel() != num_queries:
+            resized = F.interpolate(self.masks[:, None].float(), scale_factor=1 / ratio, mode="nearest")
+            resized = resized.reshape(self.people, -1)
+            if resized.shape[1] != num_queries:
                 raise ValueError(f"face mask {height}x{width} does not tile an attention map of {num_queries} queries")
-            self._resized[key] = torch.nonzero(resized).reshape(-1).to(device)
+            self._resized[key] = [torch.nonzero(row).reshape(-1).to(device) for row in resized]
         return self._resized[key]
 
 
@@ -62,35 +70,62 @@ class IdentityNet(ControlNetModel):
 
     The SDXL ControlNet pipeline hands every ControlNet the text embeddings; this subclass replaces
     them with the face tokens set by `conditioned(...)` for one call (pooled text and time ids still
-    arrive in `added_cond_kwargs`). With a face region each residual is multiplied by the box at its
-    resolution. Extra ControlNets (pose/canny/depth) in a MultiControlNetModel keep getting the text.
+    arrive in `added_cond_kwargs`). With a face region each residual is multiplied by the region at its
+    resolution. With several people the tokens hold each person's in turn, and `person(i)` is the net as
+    person i sees it: their tokens, their keypoint image, their region (diffusers' MultiControlNetModel
+    sums the people's residuals). Extra ControlNets (pose/canny/depth) keep getting the text.
     """
 
     _face_tokens: torch.Tensor | None = None
     _region: FaceRegion | None = None
+    _people: int = 1
 
     @contextlib.contextmanager
-    def conditioned(self, face_tokens: torch.Tensor, region: FaceRegion | None = None) -> Iterator[IdentityNet]:
-        """face_tokens: [2B or B, num_tokens, cross_dim] (negative first under CFG)."""
-        self._face_tokens, self._region = face_tokens, region
+    def conditioned(self, face_tokens: torch.Tensor, region: FaceRegion | None = None,
+                    people: int = 1) -> Iterator[IdentityNet]:
+        """face_tokens: [2B or B, people x num_tokens, cross_dim] (negative first under CFG; person 0's tokens
+        first). `region`: one mask per person, or None (one person, no gate)."""
+        self._face_tokens, self._region, self._people = face_tokens, region, people
         try:
             yield self
         finally:
-            self._face_tokens, self._region = None, None
+            self._face_tokens, self._region, self._people = None, None, 1
+
+    def person(self, index: int) -> PersonNet:
+        return PersonNet(self, index)
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0, *args,
-                return_dict: bool = True, **kwargs):
+                return_dict: bool = True, person: int = 0, **kwargs):
         if self._face_tokens is None:
             raise RuntimeError("IdentityNet called without face tokens: call it inside `identitynet.conditioned(...)`.")
         tokens = self._face_tokens
         if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
             tokens = tokens[-sample.shape[0]:]
+        if self._people > 1:
+            count = tokens.shape[1] // self._people
+            tokens = tokens[:, person * count:(person + 1) * count]
         down, mid = super().forward(sample, timestep, tokens.to(sample.device, parameter_dtype(self)), controlnet_cond,
                                     conditioning_scale, *args, return_dict=False, **kwargs)
         if self._region is not None:
-            down = [residual * self._region.residual_weight(residual) for residual in down]
-            mid = mid * self._region.residual_weight(mid)
+            down = [residual * self._region.residual_weight(residual, person) for residual in down]
+            mid = mid * self._region.residual_weight(mid, person)
         return (down, mid) if not return_dict else ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+
+
+class PersonNet(torch.nn.Module):
+    """The IdentityNet as one person sees it, for a slot of diffusers' MultiControlNetModel (which gives each
+    slot its own image, here the person's keypoints, and sums the slots' residuals). Shares the weights."""
+
+    def __init__(self, identitynet: IdentityNet, person: int):
+        super().__init__()
+        self.identitynet, self.index = identitynet, person
+
+    @property
+    def config(self):
+        return self.identitynet.config
+
+    def forward(self, *args, **kwargs):
+        return self.identitynet(*args, person=self.index, **kwargs)
 
 
 class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
@@ -102,7 +137,8 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
     IPAdapterAttnProcessor2_0, it keeps diffusers' weights, `set_ip_adapter_scale` and unloading; any
     case it does not cover (attention masks, spatial/group norm, several adapters) goes to diffusers.
     Output = to_out(text attention + scale x region x IP attention), one SDPA call each; as the region
-    is 0 outside the face box, the IP attention is computed for the positions inside it only. Inside
+    is 0 outside the face box, the IP attention is computed for the positions inside it only. With several
+    people, the positions of person i's region attend to person i's tokens only, and others to none. Inside
     `face_conditioning` the keys and values of the text and of the face tokens, which do not change
     between steps, are computed at the first step and reused (the outputs are the same numbers).
     """
@@ -145,9 +181,12 @@ class FaceRegionIPAttnProcessor(IPAdapterAttnProcessor2_0):
             if self.region is None:
                 out = out + F.scaled_dot_product_attention(query, ip_key, ip_value)
             else:  # the official mask is 0 outside the face: attend from the face's positions only
-                rows = self.region.attention_rows(queries, query.device)
-                if rows.numel():
-                    out.index_add_(2, rows, F.scaled_dot_product_attention(query.index_select(2, rows), ip_key, ip_value))
+                count = ip_key.shape[2] // self.region.people  # each person's tokens, in person order
+                for person, rows in enumerate(self.region.attention_rows(queries, query.device)):
+                    if rows.numel():
+                        keys = slice(person * count, (person + 1) * count)
+                        out.index_add_(2, rows, F.scaled_dot_product_attention(
+                            query.index_select(2, rows), ip_key[:, :, keys], ip_value[:, :, keys]))
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:

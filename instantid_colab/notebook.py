@@ -129,10 +129,14 @@ def load_session(weights: WeightPaths, plan: MemoryPlan | None = None,
     return _loaded[key]
 
 
-def face_image(path: str = "", smoke: bool = False) -> Image.Image:
-    """The face photo: `path` if given, else an upload box in Colab, else (smoke) the bundled sample face."""
+def face_image(path: str = "", smoke: bool = False, extras: dict[str, Any] | None = None) -> Image.Image | None:
+    """The face photo: `path` if given, else an upload box in Colab, else (smoke) the bundled sample face.
+    None when `extras` (what `extras()` returned) holds people: their photos replace it."""
     from instantid_colab.images import open_image
 
+    if extras and extras.get("people"):
+        print(f"People: {len(extras['people'])} persons; FACE_IMAGE is not used")
+        return None
     if path:
         return open_image(path, "face photo")
     if smoke:
@@ -162,16 +166,19 @@ def output_size(size: str = "Auto", smoke: bool = False) -> tuple[int | None, in
 
 
 def extras(pose: str = "", canny: str = "", depth: str = "", control_strength: float = 0.6, lora: str = "",
-           lora_scale: float = 0.8, start_photo: str = "", start_strength: float = 0.8,
-           smoke: bool = False) -> dict[str, Any]:
+           lora_scale: float = 0.8, start_photo: str = "", start_strength: float = 0.8, people: str = "",
+           people_order: str = "", smoke: bool = False) -> dict[str, Any]:
     """The optional form fields as `pipeline.generate` keywords: a control per photo given (a photo of a
-    body for pose, any photo for canny edges and depth), a LoRA (hub id or file), a start photo (img2img).
+    body for pose, any photo for canny edges and depth), a LoRA (hub id or file), a start photo (img2img),
+    several people (`a.jpg; b.jpg+b2.jpg`: 2 to 4 persons, each one or more photos; `people_order` places them
+    on the pose photo's faces, e.g. "2,1").
     Smoke mode fills the empty pose and LoRA fields with the sample face and the tiny LoRA, so CI exercises
     the extra ControlNet and LoRA paths too."""
     from instantid_colab.controls import Control
     from instantid_colab.images import open_image
     from instantid_colab.loras import SMOKE_LORA, Lora
 
+    layout = pose  # with people: the photo whose faces place them
     if smoke:
         from instantid_colab.smoke import sample_face_image
 
@@ -183,8 +190,14 @@ def extras(pose: str = "", canny: str = "", depth: str = "", control_strength: f
         "init_image": open_image(start_photo, "start photo") if start_photo else None,
         "init_strength": start_strength,
     }
+    if people.strip():
+        from instantid_colab.people import from_text
+
+        cast, order = from_text([part for part in people.split(";") if part.strip()], order=people_order)
+        chosen.update(people=cast, order=order, pose_image=open_image(layout, "layout photo") if layout else None)
     used = [c.kind for c in chosen["controls"]] + [f"LoRA {x.name}" for x in chosen["loras"]]
     used += ["start photo"] if start_photo else []
+    used += [f"{len(chosen['people'])} people"] if chosen.get("people") else []
     print(f"Extras: {', '.join(used) or 'none'}" + (" (smoke: sample pose photo, tiny LoRA)" if smoke else ""))
     return chosen
 

@@ -28,7 +28,7 @@ from instantid_colab import faces, memory, styles
 from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
 from instantid_colab.schedulers import SCHEDULERS
-from instantid_colab.settings import MULTIPLE, check as check_settings
+from instantid_colab.settings import MULTIPLE, SettingsError, check as check_settings
 from instantid_colab.identity import (
     FaceRegion, IdentityNet, execution_device, face_conditioning, face_tokens, use_face_region_processors,
 )
@@ -39,6 +39,8 @@ from instantid_colab.controls import (
 from instantid_colab.controls import describe as describe_control
 from instantid_colab.controlnets import Annotations, ControlNets, MultiControlNetModel, control_map
 from instantid_colab.loras import LCM_ADAPTER, SMOKE_LORA, Lora, LoraState, check_loras
+from instantid_colab.people import AUTO_SIZE, Cast, Person, cast as cast_people, check_people
+from instantid_colab.people import likeness as people_likeness
 from instantid_colab.weights import (
     SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lcm_lora, ensure_lora, reading, root_of,
 )
@@ -104,8 +106,9 @@ class GenerationResult:
     plan: Any
     notices: list[str] = field(default_factory=list)
     label: str | None = None
-    likeness: list = field(default_factory=list)  # faces.Likeness per image, in image order
+    likeness: list = field(default_factory=list)  # faces.Likeness per image (with people: the least alike person's)
     control_maps: list = field(default_factory=list)  # what each extra ControlNet saw, in `settings["controls"]` order
+    people_likeness: list = field(default_factory=list)  # with people: per image, faces.Likeness per person
 
     def best_first(self) -> list[int]:
         """Image indices by likeness, highest first; images without a face last, in their order."""
@@ -115,8 +118,13 @@ class GenerationResult:
     def image_metadata(self, index: int) -> dict:
         """What the PNG's `instantid` chunk holds for image `index`: the settings plus its likeness."""
         likeness = self.likeness[index]
-        return {**self.settings, "image_index": index, "identity_similarity": likeness.similarity,
-                "identity_similarity_note": likeness.note}
+        metadata = {**self.settings, "image_index": index, "identity_similarity": likeness.similarity,
+                    "identity_similarity_note": likeness.note}
+        if self.people_likeness:
+            metadata["people"] = [{**person, "identity_similarity": score.similarity,
+                                   "identity_similarity_note": score.note}
+                                  for person, score in zip(self.settings["people"], self.people_likeness[index])]
+        return metadata
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,20 +395,39 @@ def save_png(image: Image.Image, path: str | Path, overwrite: bool = True) -> Pa
     return path
 
 
+def _one_face(analyzer, face_images: list, combine: str, layout_image, width: int | None, height: int | None,
+              enhance_non_face: bool) -> Cast:
+    """The official single face as a cast of one: its photos' identity, placed where the layout photo's face
+    is (default: where it is in the first photo), gated by its face box when `enhance_non_face`."""
+    opened = [open_image(image, "face photo") for image in face_images]
+    embedding, face = analyzer.embed(opened, combine)
+    layout_image = layout_image or opened[0]
+    layout_face = analyzer.detect(layout_image) if layout_image is not opened[0] else face
+    size = (width, height) if width is not None else official_size(*layout_image.size)
+    kps = _scaled(layout_face.kps, layout_image.size, size)
+    bbox = _scaled(np.asarray(layout_face.bbox).reshape(2, 2), layout_image.size, size).reshape(-1)
+    masks = face_box_mask(bbox, size)[None] if enhance_non_face else None
+    return Cast([embedding], bbox[None], kps[None], masks, size)
+
+
 class GenerationStopped(Exception):
     """The caller's `should_stop` asked to stop; the pipeline is left ready for the next call."""
 
 
-def generate(session: InstantIDSession, face_image, prompt: str = "", *, negative_prompt: str | None = None,
+def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, negative_prompt: str | None = None,
              style: str = "No style", identitynet_strength: float = 0.8, adapter_strength: float = 0.8,
              steps: int = 30, guidance_scale: float = 5.0, seed: int = 42, scheduler: str = "Euler",
              width: int | None = None, height: int | None = None, num_images: int = 1, pose_image=None,
              enhance_non_face: bool = True, negative_noise: float = 0.0, combine: str = "average",
              lcm: bool = False, extra_face_images: Sequence = (), controls: Sequence[Control] = (),
              loras: Sequence[Lora] = (), init_image=None, init_strength: float = 0.8,
+             people: Sequence[Person] = (), order: Sequence[int] | None = None,
              callback: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
-    """Generate `num_images` images of the person in `face_image`.
+    """Generate `num_images` images of the person in `face_image`, or of several `people` in one picture.
+
+    `people` (instead of `face_image`): each keeps their own face in their own region (`people.py`); they
+    are placed on the faces of `pose_image` (left to right, or as `order` says) or side by side without one.
 
     `controls`: extra ControlNets (pose/canny/depth, a photo to annotate or a ready map, each with a
     strength and a start/end fraction of the steps). `loras`: style LoRAs with scales. `init_image`:
@@ -420,21 +447,25 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
         "init_strength": init_strength,
     })
     controls, loras = check_controls(controls), check_loras(loras)
+    if (face_image is None) == (not people):
+        raise SettingsError(["give a face photo, or people (each with their photos), not both"])
+    people = check_people(people, list(order) if order is not None else None) if people else []
     prompt = (prompt or "").strip() or DEFAULT_PROMPT
     styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
-    face_images = [open_image(image, "face photo") for image in (face_image, *extra_face_images)]
-    layout_image = open_image(pose_image, "pose image") if pose_image is not None else face_images[0]
+    layout_image = open_image(pose_image, "pose image") if pose_image is not None else None
     init = open_image(init_image, "start photo") if init_image is not None else None
     sources = [source_image(control) for control in controls]
-    embedding, face = session.faces.embed(face_images, combine)
-    layout_face = session.faces.detect(layout_image) if pose_image is not None else face
-    if width is None:
-        width, height = official_size(*layout_image.size)
-
-    kps = _scaled(layout_face.kps, layout_image.size, (width, height))
-    kps_image = faces.draw_kps((width, height), kps)
-    bbox = _scaled(np.asarray(layout_face.bbox).reshape(2, 2), layout_image.size, (width, height)).reshape(-1)
-    mask = face_box_mask(bbox, (width, height)) if enhance_non_face else None
+    if people:
+        size = (width, height) if width else official_size(*layout_image.size) if layout_image else AUTO_SIZE
+        cast = cast_people(session.faces, people, combine, size, layout_image, order)
+        photos = [len(person.photos) for person in people]
+    else:
+        photos = [1 + len(extra_face_images)]
+        cast = _one_face(session.faces, [face_image, *extra_face_images], combine, layout_image, width, height,
+                         enhance_non_face)
+    width, height = cast.size
+    kps_images = cast.kps_images()
+    kps_image = kps_images[0] if len(kps_images) == 1 else Image.fromarray(np.max(np.stack(kps_images), axis=0))
     maps = [control_map(control, source, (width, height), session.annotations, session.annotator_folder)
             for control, source in zip(controls, sources)]
 
@@ -444,18 +475,20 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
         "scheduler": "LCM" if lcm else scheduler, "width": width, "height": height, "num_images": checked["num_images"],
         "identitynet_strength": checked["identitynet_strength"], "adapter_strength": checked["adapter_strength"],
         "enhance_non_face": enhance_non_face, "negative_noise": checked["negative_noise"], "combine": combine,
-        "reference_faces": len(face_images), "pose_image": pose_image is not None, "lcm": lcm,
+        "reference_faces": sum(photos), "pose_image": pose_image is not None, "lcm": lcm,
         "controls": [describe_control(control, source) for control, source in zip(controls, sources)],
         "loras": [{"name": lora.name, "scale": lora.scale} for lora in loras],
         "init_image": None if init is None else {"strength": checked["init_strength"], "image_sha256": image_digest(init)},
     }
+    if people:
+        settings.update(people=cast.describe(photos), order=list(order) if order is not None else None)
     label = session.label
     if label:
         settings["label"] = label
     notices: list[str] = []
-    call = dict(prompt=styled_prompt, negative_prompt=styled_negative, embedding=embedding, kps_image=kps_image,
-                mask=mask, controls=controls, maps=maps, loras=loras, init=init, settings=settings, callback=callback,
-                should_stop=should_stop)
+    call = dict(prompt=styled_prompt, negative_prompt=styled_negative, cast=cast, kps_images=kps_images,
+                as_people=bool(people), controls=controls, maps=maps, loras=loras, init=init, settings=settings,
+                callback=callback, should_stop=should_stop)
     try:
         images = _denoise_and_decode(session, notices, **call)
     except _OOM_ERRORS as error:
@@ -463,8 +496,13 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
         images = _denoise_and_decode(session, notices, **call)
 
     result = GenerationResult(images=images, seed=checked["seed"], settings=settings, kps_image=kps_image, seconds=0.0,
-                              plan=session.plan, notices=notices, label=label, control_maps=maps,
-                              likeness=[session.faces.likeness(embedding, image) for image in images])
+                              plan=session.plan, notices=notices, label=label, control_maps=maps)
+    if people:
+        result.people_likeness = [people_likeness(session.faces, cast, image) for image in images]
+        result.likeness = [min(scores, key=lambda score: (score.similarity is not None, score.similarity or 0.0))
+                           for scores in result.people_likeness]
+    else:
+        result.likeness = [session.faces.likeness(cast.embeddings[0], image) for image in images]
     for index, image in enumerate(images):
         metadata = result.image_metadata(index)
         image.pnginfo = _metadata(metadata, label)
@@ -474,8 +512,8 @@ def generate(session: InstantIDSession, face_image, prompt: str = "", *, negativ
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
-                        embedding, kps_image, mask, controls: list[Control], maps: list, loras: list[Lora], init,
-                        settings: dict, callback, should_stop) -> list[Image.Image]:
+                        cast: Cast, kps_images: list, as_people: bool, controls: list[Control], maps: list,
+                        loras: list[Lora], init, settings: dict, callback, should_stop) -> list[Image.Image]:
     pipe = session.pipe
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
     num, lcm = settings["num_images"], settings["lcm"]
@@ -490,16 +528,19 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     for processor in session.ip_processors:  # what set_ip_adapter_scale does, without walking the UNet again
         processor.scale = [settings["adapter_strength"]]
 
-    embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(1, 1, -1, 512)
     generator = torch.Generator("cpu").manual_seed(seed)
-    negative = torch.zeros_like(embeds)
-    if settings["negative_noise"] > 0:  # ComfyUI_InstantID's "noise": fights the burnt look of a zero negative
-        negative = settings["negative_noise"] * torch.randn(embeds.shape, generator=generator)
     do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
-    ip_embeds = torch.cat([negative, embeds]) if do_cfg else embeds
-    per_image = torch.cat([ip_embeds[i:i + 1].repeat(num, 1, 1, 1) for i in range(ip_embeds.shape[0])])
-    tokens = face_tokens(pipe, per_image, session.device)
-    region = None if mask is None else FaceRegion(torch.from_numpy(mask))
+    tokens, pairs = [], []  # per person: face tokens [batch, 16, dim]; (negative, positive) embeddings
+    for embedding in cast.embeddings:
+        embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(1, 1, -1, 512)
+        negative = torch.zeros_like(embeds)
+        if settings["negative_noise"] > 0:  # ComfyUI_InstantID's "noise": fights the burnt look of a zero negative
+            negative = settings["negative_noise"] * torch.randn(embeds.shape, generator=generator)
+        pairs.append(torch.cat([negative, embeds]) if do_cfg else embeds)
+        per_image = torch.cat([pairs[-1][i:i + 1].repeat(num, 1, 1, 1) for i in range(pairs[-1].shape[0])])
+        tokens.append(face_tokens(pipe, per_image, session.device))
+    tokens = torch.cat(tokens, dim=1)  # person 0's tokens first
+    region = None if cast.masks is None else FaceRegion(torch.from_numpy(cast.masks))
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
     def on_step_end(_pipe, step, _timestep, tensors):
@@ -510,13 +551,15 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         return tensors
 
     identitynet = pipe.controlnet
-    controlnet, images = identitynet, kps_image
+    controlnet, images = identitynet, kps_images[0]
     arguments = dict(controlnet_conditioning_scale=settings["identitynet_strength"])
-    if nets:  # the official multi-ControlNet order: the IdentityNet first, then pose / canny / depth
-        controlnet, images = MultiControlNetModel([identitynet, *nets]), [kps_image, *maps]
-        arguments = dict(controlnet_conditioning_scale=[settings["identitynet_strength"], *(c.strength for c in controls)],
-                         control_guidance_start=[0.0, *(c.start for c in controls)],
-                         control_guidance_end=[1.0, *(c.end for c in controls)])
+    if nets or as_people:  # the official multi-ControlNet order: the IdentityNet (each person's) first, then the rest
+        slots = [identitynet.person(index) for index in range(len(kps_images))] if as_people else [identitynet]
+        controlnet, images = MultiControlNetModel([*slots, *nets]), [*kps_images, *maps]
+        arguments = dict(controlnet_conditioning_scale=[settings["identitynet_strength"]] * len(slots)
+                         + [c.strength for c in controls],
+                         control_guidance_start=[0.0] * len(slots) + [c.start for c in controls],
+                         control_guidance_end=[1.0] * len(slots) + [c.end for c in controls])
     caller = pipe
     if init is None:
         arguments["image"] = images
@@ -525,13 +568,13 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=images,
                          strength=settings["init_image"]["strength"])
     text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
-    with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
+    with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region, len(cast.embeddings)), \
             face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller):
-        latents = caller(
+        latents = caller(  # the tokens above stand in for what the UNet would make of these embeddings
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
-            ip_adapter_image_embeds=[ip_embeds.to(parameter_dtype(pipe.unet))], generator=generator, output_type="latent",
-            callback_on_step_end=on_step_end,
+            ip_adapter_image_embeds=[pairs[0].to(parameter_dtype(pipe.unet))], generator=generator,
+            output_type="latent", callback_on_step_end=on_step_end,
         ).images
     decoded = decode(pipe, latents, notices)
     pipe.maybe_free_model_hooks()

@@ -50,6 +50,7 @@ LIMITS: dict[str, Bounds] = {
     "control_start": Bounds(0, 1, source="fraction of the steps"),
     "control_end": Bounds(0, 1, source="fraction of the steps"),
     "lora_scale": Bounds(-2, 2, source="negative scales push away from a LoRA's style"),
+    "people": Bounds(1, 4, True, "people in one picture; the IdentityNet runs once per person per step"),
     "memory_gib": Bounds(0, 2**20, source="GiB of RAM or VRAM, as measured"),
     "gpus": Bounds(1, 64, True, "one process per GPU"),
     "photo_side": Bounds(64, 65535, True, "pixels; a photo is decoded at most this large"),

@@ -275,6 +275,24 @@ def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_use
     assert any(line.startswith("| negative_prompt |") and line.endswith(" blurry |") for line in lines)
 
 
+def test_people_section_makes_one_picture_with_a_likeness_caption_per_person(smoke_session, face_file, tmp_path):
+    from instantid_colab import smoke
+
+    other = tmp_path / "other.png"
+    smoke.sample_face_image(face_color=(120, 200, 240)).save(other)
+    handler = app._generate_handler(smoke_session)
+    gallery, _, settings, kps, _, _ = handler(**_handler_args(person_1=face_file, person_2=str(other), steps=1,
+                                                              size="128x128"))
+    (image, caption), = gallery
+    assert image.size == (128, 128) and kps.size == (128, 128)
+    assert re.fullmatch(rf"{SMOKE_LABEL} · #1 · person 1: likeness .+ · person 2: likeness .+", caption), caption
+    assert "| reference_faces | 2 |" in settings.splitlines()
+    with pytest.raises(gr.Error, match="People: give photos of 2 to 4 people"):
+        handler(**_handler_args(person_1=face_file, steps=1))
+    with pytest.raises(gr.Error, match="order '3,1' must list the people 1 to 2 once each"):
+        handler(**_handler_args(person_1=face_file, person_2=str(other), order="3,1", steps=1))
+
+
 def test_generate_handler_randomizes_the_seed_and_reports_the_one_used(smoke_session, face_file):
     handler = app._generate_handler(smoke_session)
     _, seed, settings, _, _, _ = handler(**_handler_args(face_path=face_file, steps=1, size="64x64", randomize_seed=True))
@@ -346,8 +364,10 @@ def test_page_controls_loras_and_start_photo_reach_the_core(smoke_session, face_
 def test_page_lists_a_section_for_each_control_and_the_lora_and_start_photo_inputs():
     blocks = app.build_app(_session())
     accordions = [block.label for block in _components(blocks, gr.Accordion)]
-    assert accordions == ["Advanced", "Body pose, edges, depth (extra ControlNets)", "Style LoRAs",
-                          "Start from a photo (img2img)"]
+    assert accordions == ["Advanced", "People: several in one picture", "Body pose, edges, depth (extra ControlNets)",
+                          "Style LoRAs", "Start from a photo (img2img)"]
+    images = {image.elem_id for image in _components(blocks, gr.Image)}
+    assert {"person-1", "person-2", "person-3", "person-4"} <= images
     sliders = {slider.elem_id: slider for slider in _components(blocks, gr.Slider) if slider.elem_id}
     for kind in ("pose", "canny", "depth"):
         strength = sliders[f"{kind}-strength"]

@@ -195,3 +195,21 @@ def test_stop_ends_a_long_run_and_the_next_one_works(page, photos):
     _set_seed(page, 99)
     page.locator("#generate").click()
     expect(page.locator("#settings")).to_contain_text("seed 99", timeout=TIMEOUT_MS)
+
+
+def test_people_section_makes_one_picture_of_two_people(page, photos, tmp_path):
+    face, _ = photos
+    other = tmp_path / "other.png"
+    smoke.sample_face_image(face_color=(170, 200, 240)).save(other)
+    expect = playwright.expect
+    _set_seed(page, 55)
+    page.get_by_text("People: several in one picture", exact=True).click()
+    for number, path in ((1, face), (2, other)):
+        page.locator(f"#person-{number} input[type=file]").set_input_files(str(path))
+        page.locator(f"#person-{number} img[src*='{path.name}']").wait_for()
+    page.locator("#generate").click()
+
+    settings = page.locator("#settings")
+    expect(settings).to_contain_text("seed 55", timeout=TIMEOUT_MS)
+    expect(settings).to_contain_text("'face_box'")
+    expect(page.locator("#gallery")).to_contain_text(re.compile(r"person 1: likeness .* person 2: likeness"))

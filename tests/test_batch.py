@@ -176,3 +176,39 @@ def test_cli_batch_smoke(folder, capsys):
     assert printed.startswith(f"[{smoke.SMOKE_LABEL}]\n2 rows: 2 made here, 0 already done, 0 failed")
     assert cli.main(["batch", str(folder / "nope.csv"), "--out", str(folder / "o"), "--smoke"]) == 1
     assert "manifest " in capsys.readouterr().err
+
+
+def test_a_people_column_makes_one_picture_of_several_people(session, folder):
+    manifest = write(folder, "people.csv", """
+        people,person_masks,prompt,seed,steps
+        ann.png;bob.png+ann.png,,two friends,1,1
+        ann.png;bob.png,grey.png;grey.png,two friends,2,1
+        """)
+    rows = batch.prepare_rows(manifest, smoke=True)
+    assert [len(person.photos) for person in rows[0].values["people"]] == [1, 2]
+    assert rows[1].values["people"][0].mask.size == (256, 256)
+    report = batch.run(session, rows, folder / "out", progress=False)
+    assert (report.made, report.failed) == (2, 0)
+    first = lines(folder / "out")[0]
+    assert len(first["people_similarity"][0]) == 2 and len(first["settings"]["people"]) == 2
+    refused = write(folder, "both.csv", "face,people\nann.png,ann.png;bob.png\n")
+    with pytest.raises(batch.ManifestError, match=r"row 1: give face \(one person\) or people \(2 to 4\), not both"):
+        batch.prepare_rows(refused, smoke=True)
+
+
+@pytest.mark.parametrize(("encoding", "delimiter"), [("utf-8-sig", ","), ("cp1252", ";"), ("utf-16", "\t"), ("utf-8", ",")])
+def test_csv_as_spreadsheets_save_it(folder, encoding, delimiter):
+    """Excel's "CSV UTF-8" (BOM), plain "CSV" on a Western Windows (Windows-1252, ';' where the decimal is a comma),
+    "Unicode Text" (UTF-16, tabs) and a plain UTF-8 file all read the same."""
+    text = delimiter.join(["face", "prompt", "seed"]) + "\r\n" + delimiter.join(["ann.png", "café crème", "1"]) + "\r\n"
+    path = folder / "excel.csv"
+    path.write_bytes(text.encode(encoding))
+    assert batch.read_manifest(path) == [{"face": "ann.png", "prompt": "café crème", "seed": "1"}]
+
+
+def test_a_manifest_that_is_not_text_is_refused_naming_what_to_save(folder):
+    path = folder / "sheet.csv"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # an .xlsx renamed to .csv
+    with pytest.raises(batch.ManifestError, match=r"sheet\.csv is not text in UTF-8, UTF-16 or Windows-1252: save it "
+                                                  r"as \"CSV UTF-8\""):
+        batch.read_manifest(path)

@@ -12,18 +12,8 @@ from PIL import Image
 from instantid_colab.faces import FaceAnalyzer, NoFaceError, combine_embeddings, draw_kps
 from instantid_colab.images import open_image
 from instantid_colab.smoke.faces import KPS_OFFSETS, write_smoke_face_models
+from tests.pictures import COOL, WARM, picture
 
-BACKGROUND = (40, 40, 40)
-WARM = (230, 200, 170)
-COOL = (170, 200, 240)
-
-
-def picture(size, faces, background=BACKGROUND) -> Image.Image:
-    """RGB image with bright squares ("faces") given as (x1, y1, side, colour)."""
-    array = np.full((size[1], size[0], 3), background, np.uint8)
-    for x, y, side, colour in faces:
-        array[y : y + side, x : x + side] = colour
-    return Image.fromarray(array)
 
 
 def expected_kps(center, stride):
@@ -43,6 +33,14 @@ def test_real_router_picks_scrfd_with_keypoints_and_arcface(analyzer):
     assert type(models["detection"]).__name__ == "SCRFD" and models["detection"].use_kps
     assert type(models["recognition"]).__name__ == "ArcFaceONNX"
     assert analyzer.providers == ["CPUExecutionProvider"]
+
+
+def test_detect_all_finds_every_face_left_to_right(analyzer):
+    image = picture((640, 640), [(448, 256, 128, COOL), (64, 256, 128, WARM)])
+    found = analyzer.detect_all(image)
+    np.testing.assert_allclose([face.bbox for face in found], [[64, 256, 192, 384], [448, 256, 576, 384]], atol=1)
+    assert np.linalg.norm(found[0].embedding - analyzer.detect(picture((640, 640), [(64, 256, 128, WARM)])).embedding) < 1e-3
+    assert analyzer.detect_all(picture((640, 640), [])) == []
 
 
 def test_largest_face_wins(analyzer):

@@ -258,6 +258,19 @@ def test_extras_turn_the_form_fields_into_generate_keywords(tmp_path: Path, caps
     assert capsys.readouterr().out == "Extras: none\n"
 
 
+def test_the_people_field_replaces_the_face_photo(tmp_path: Path, capsys) -> None:
+    from instantid_colab import smoke
+
+    for name, colour in (("anna.png", (235, 200, 175)), ("ben.png", (170, 200, 240)), ("ben2.png", (170, 200, 240))):
+        smoke.sample_face_image(face_color=colour).save(tmp_path / name)
+    chosen = helpers.extras(people=f"{tmp_path / 'anna.png'}; {tmp_path / 'ben.png'}+{tmp_path / 'ben2.png'}",
+                            people_order="")
+    assert [len(person.photos) for person in chosen["people"]] == [1, 2] and chosen["order"] is None
+    assert chosen["pose_image"] is None and capsys.readouterr().out == "Extras: 2 people\n"
+    assert helpers.face_image("unused.jpg", extras=chosen) is None
+    assert capsys.readouterr().out == "People: 2 persons; FACE_IMAGE is not used\n"
+
+
 def test_batch_without_a_manifest_says_what_to_give(smoke_session, tmp_path: Path, capsys) -> None:
     assert helpers.batch(smoke_session, "", tmp_path / "out") is None
     out = capsys.readouterr().out

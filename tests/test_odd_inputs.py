@@ -320,6 +320,26 @@ CASES = {
                               r"port 70000 is out of range: use 1 to 65535"),
     "app with a login and without one": Case(lambda f: ["app", "--smoke", "--auth", "a:b", "--no-auth"], 2,
                                              r"argument --no-auth: not allowed with argument --auth"),
+    # --- issue 18: several people ------------------------------------------------------------------------
+    "one --person": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--out", out(f)], 2,
+                         r"--person is given once per person, 2 to 4 times; for one person use --face"),
+    "--face and --person": Case(lambda f: [*QUICK, "--face", str(face_png(f / "a.png")), "--person", str(f / "a.png"),
+                                           "--person", str(f / "a.png"), "--out", out(f)], 2,
+                                r"give --face \(one person, with --extra-face photos\) or --person \(2 to 4 people\)"),
+    "five people": Case(lambda f: [*QUICK, *[arg for _ in range(5) for arg in ("--person", str(face_png(f / "a.png")))],
+                                   "--out", out(f)], 2, r"people 5 is out of range: use 1 to 4"),
+    "--order without people": Case(lambda f: [*QUICK, "--order", "2,1", "--out", out(f)], 2,
+                                   r"--person-mask and --order need --person"),
+    "person photo missing": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                            str(f / "nope.jpg"), "--out", out(f)], 1,
+                                 r"photo of person 2: .*nope\.jpg does not exist"),
+    "one mask for two people": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                               str(f / "a.png"), "--person-mask", str(f / "a.png"), "--out", out(f)], 2,
+                                    r"1 masks for 2 people: give one mask per person, or none"),
+    "layout photo with one face for two people": Case(
+        lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person", str(f / "a.png"), "--pose",
+                   str(f / "a.png"), "--out", out(f)], 1,
+        r"The layout photo has 1 face but 2 people were given: use a photo with exactly 2 faces, or none"),
     "pose bench with batch 0": Case(lambda f: ["bench", "--smoke", "--batch", "0", "--out", str(f / "b")], 2,
                                     r"batch 0 is out of range: use 1 to 4096", main=pose_cli.main),
 }
@@ -373,7 +393,7 @@ def test_odd_input(name, tmp_path, capsys, monkeypatch):
 
 
 def test_corpus_size():
-    assert len(CASES) >= 57  # the first issue's 17 + 30 of our own, + issue 17's 10 + 5 before it
+    assert len(CASES) >= 64  # the first issue's 17 + 30 of our own, + issue 17's 10 + 5 before it, + 7 people
 
 
 def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):
