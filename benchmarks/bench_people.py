@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -136,18 +135,12 @@ def main() -> int:
         return 0
 
     from bench_generate import write_weights
+    from bench_speed import each_speed
 
     started = time.perf_counter()
     write_weights(Path(args.weights), tiny=False)
     print(f"weights ready in {time.perf_counter() - started:.0f} s", flush=True)
-    results = []
-    for speed in args.speeds.split(","):
-        done = subprocess.run([sys.executable, __file__, "--run", speed, "--out", str(out), "--people", args.people,
-                               "--steps", str(args.steps), "--images", str(args.images), "--reps", str(args.reps),
-                               "--weights", args.weights], text=True)
-        path = out / f"people_{speed}.json"
-        if done.returncode == 0 and path.is_file():
-            results.append(json.loads(path.read_text()))
+    results = each_speed(__file__, args.speeds, out, "people")
     print("| speed | people | s/image | x 1 person | peak VRAM reserved GiB | peak host RssAnon GiB | plan |")
     print("|---|---|---|---|---|---|---|")
     for result in results:

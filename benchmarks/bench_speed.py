@@ -51,6 +51,18 @@ def _enter_speed(speed: str) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, CAP_GIB * GIB / total))
 
 
+def each_speed(script: str, speeds: str, out: Path, prefix: str) -> list[dict]:
+    """`script --run SPEED` with this command line, once per speed, each in a process of its own (a green context
+    lasts as long as its process); the results each wrote to OUT/PREFIX_SPEED.json."""
+    results = []
+    for speed in speeds.split(","):
+        done = subprocess.run([sys.executable, script, "--run", speed, *sys.argv[1:]])
+        path = out / f"{prefix}_{speed}.json"
+        if done.returncode == 0 and path.is_file():
+            results.append(json.loads(path.read_text()))
+    return results
+
+
 def _gpu_busy_seconds(function) -> float:
     """Kernel + copy time on the GPU while `function` runs once (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile

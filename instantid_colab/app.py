@@ -10,29 +10,33 @@ from __future__ import annotations
 
 import inspect
 import logging
+import contextvars
+import queue
 import random
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import gradio as gr
 from PIL import Image
 
-from instantid_colab import (controls, environment, images, loras, memory, people, pipeline, schedulers, settings,
-                             styles)
+from instantid_colab import (controls, environment, images, loras, memory, people, pipeline, refine, schedulers,
+                             settings, speed, styles)
 from instantid_colab.smoke import SMOKE_LABEL
 from instantid_colab.weights import DamagedWeightsError, MissingWeightsError
 
 AUTO_SIZE = "Auto (from the face photo)"
 SIZE_CHOICES = (AUTO_SIZE, *settings.SIZE_PRESETS)
-# The fast-mode toggle of the official demo: LCM-LoRA needs few steps and little guidance.
-LCM_STEPS, LCM_GUIDANCE = 5, 1.5
-# LCM is fast mode's own scheduler (it needs the LoRA), so it is not offered on its own.
-SCHEDULER_CHOICES = tuple(name for name in schedulers.SCHEDULERS if name != "LCM")
+# "From the speed mode": the preset's own sampler. The consistency samplers need their LoRA (a speed mode), so they
+# are not offered on their own.
+SPEED_SCHEDULER = "from the speed mode"
+SCHEDULER_CHOICES = (SPEED_SCHEDULER, *(name for name in schedulers.SCHEDULERS if name not in schedulers.NEEDS_A_LORA))
 MAX_SEED = 2**32 - 1
 MAX_UPLOAD_FILE = "25mb"
 MEMORY_REFRESH_S = 3.0
+PREVIEW_POLL_S = 0.2  # how often the page's generator looks for a new preview
 logger = logging.getLogger(__name__)
 
 
@@ -85,13 +89,13 @@ def parse_auth(text: str | tuple[str, str] | None) -> tuple[str, str] | None:
     return user, password
 
 
-def check_image_file(path: str | Path, what: str) -> Image.Image:
+def check_image_file(path: str | Path, what: str, max_side: int | None = images.WORKING_SIDE) -> Image.Image:
     """The uploaded picture as upright 8-bit RGB (`images.open_image`), or InputError naming the file.
 
     Uploads arrive under a temporary folder, so the message names the file only.
     """
     try:
-        return images.open_image(path, what)
+        return images.open_image(path, what, max_side)
     except images.ImageInputError as error:
         raise InputError(str(error).replace(str(Path(path)), Path(path).name)) from None
 
@@ -196,10 +200,13 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
 
     def run(face_path, extra_face_files, combine, pose_path, prompt, negative_prompt, style, identitynet_strength,
             adapter_strength, steps, guidance_scale, scheduler, seed, randomize_seed, enhance_non_face, negative_noise,
-            lcm, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None, init_strength=0.8,
-            person_1=None, person_2=None, person_3=None, person_4=None, order="", progress=gr.Progress(),
-            **control_values):
+            speed_mode, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None,
+            init_strength=0.8, person_1=None, person_2=None, person_3=None, person_4=None, order="", refine_on=False,
+            refine_strength=refine.REFINE_STRENGTH, guidance_from=0.0, guidance_to=1.0, live_preview=False,
+            progress=gr.Progress(), **control_values):
+        """A generator: while the image is made, TAESDXL previews (live_preview); then the results."""
         stop_requested.clear()
+        unchanged = (gr.update(),) * 6
         try:
             cast, order = page_people([person_1, person_2, person_3, person_4], order)
             if not face_path and not cast:
@@ -212,25 +219,48 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
             init = check_image_file(init_path, "start photo") if init_path else None
             width, height = parse_size(size) or (None, None)
             seed = random.randint(0, MAX_SEED) if randomize_seed else seed
-            if lcm and not session.lcm_loaded:
-                progress(0, desc="loading LCM-LoRA (first use of fast mode)")
+            preset = speed.preset(speed_mode)
+            if preset.lora:
+                progress(0, desc=f"{preset.name}: its LoRA loads the first time it is used")
+            frames: queue.Queue = queue.Queue()
 
             def report_step(step: int, total: int) -> None:
                 progress((step, total), desc=f"denoising step {step}/{total}")
 
-            result = pipeline.generate(
-                session, face, prompt or "", negative_prompt=negative_prompt or None, style=style,
-                identitynet_strength=identitynet_strength, adapter_strength=adapter_strength, steps=steps,
-                guidance_scale=guidance_scale, seed=seed, scheduler=scheduler, width=width, height=height,
-                num_images=num_images, pose_image=pose, enhance_non_face=enhance_non_face,
-                negative_noise=negative_noise, combine=combine, lcm=lcm, extra_face_images=extra_faces,
-                controls=chosen, loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
-                init_strength=init_strength, people=cast, order=order, callback=report_step,
-                should_stop=stop_requested.is_set,
-            )
+            def make() -> pipeline.GenerationResult:
+                made = pipeline.generate(
+                    session, face, prompt or "", negative_prompt=negative_prompt or None, style=style,
+                    identitynet_strength=identitynet_strength, adapter_strength=adapter_strength, steps=steps,
+                    guidance_scale=guidance_scale, seed=seed, width=width, height=height,
+                    scheduler=None if scheduler == SPEED_SCHEDULER else scheduler, num_images=num_images,
+                    pose_image=pose, enhance_non_face=enhance_non_face, negative_noise=negative_noise,
+                    combine=combine, speed=speed_mode, extra_face_images=extra_faces, controls=chosen,
+                    loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
+                    init_strength=init_strength, people=cast, order=order,
+                    guidance_interval=None if (guidance_from, guidance_to) == (0, 1) else (guidance_from, guidance_to),
+                    preview=(lambda step, total, image: frames.put(image)) if live_preview else None,
+                    callback=report_step, should_stop=stop_requested.is_set,
+                )
+                if refine_on:
+                    progress(0, desc="refining faces")
+                    refine.refine_faces(session, made, refine_strength, face_image=face,
+                                        extra_face_images=extra_faces, people=cast)
+                return made
+
+            # The image is made beside this generator (in its context, so progress reaches the page), which
+            # hands each preview to the page as it comes.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as worker:
+                job = worker.submit(contextvars.copy_context().run, make)
+                while not job.done() or not frames.empty():
+                    try:
+                        yield (*unchanged, frames.get(timeout=PREVIEW_POLL_S))
+                    except queue.Empty:
+                        continue
+                result = job.result()
         except pipeline.GenerationStopped as stopped:
             message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
-            return gr.update(), gr.update(), gr.update(), gr.update(), message, gr.update()
+            yield gr.update(), gr.update(), gr.update(), gr.update(), message, gr.update(), gr.update()
+            return
         except (ValueError, MissingWeightsError, DamagedWeightsError, MemoryError) as error:  # inputs, memory
             raise gr.Error(str(error)) from error
         except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
@@ -243,17 +273,68 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
         maps = [(image, f"{control['kind']} ({control['source']}) → {control['model']}")
                 for image, control in zip(result.control_maps, result.settings["controls"])]
         notices = "\n\n".join(f"⚠️ {notice}" for notice in result.notices)
-        return (gallery, result.seed, render_settings(result.seed, result.settings, result.seconds, result.label),
-                result.kps_image, notices, maps)
+        yield (gallery, result.seed, render_settings(result.seed, result.settings, result.seconds, result.label),
+               result.kps_image, notices, maps, gr.update())
 
     return run
+
+
+def _swap_handler(session: pipeline.InstantIDSession) -> Callable:
+    """The Face swap tab's click: both photos checked, `refine.swap`, the photo and a caption back."""
+
+    def run(target_path, face_path, which, strength, prompt, seed, progress=gr.Progress()):
+        try:
+            if not target_path or not face_path:
+                raise InputError("Face swap: give the photo to change and a photo of the person")
+            target = check_image_file(target_path, "target photo", max_side=None)
+            face = check_image_file(face_path, "face photo")
+            progress(0, desc="swapping the face")
+            result = refine.swap(session, target, face, which=int(which) or None, strength=strength, prompt=prompt or "",
+                                 seed=int(seed))
+        except (ValueError, MissingWeightsError, DamagedWeightsError, MemoryError) as error:
+            raise gr.Error(str(error)) from error
+        except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
+            logger.exception("face swap failed")
+            raise gr.Error(f"Internal error ({type(error).__name__}: {error}). The app is still usable; the "
+                           "traceback is in the notebook/console output: please report it.") from error
+        caption = (f"{result.label + ' · ' if result.label else ''}face at {result.face_box} · strength "
+                   f"{result.strength} · seed {result.seed} · {result.likeness.render()}")
+        return result.image, caption
+
+    return run
+
+
+def _swap_tab(session: pipeline.InstantIDSession) -> None:
+    """Put a person into a photo: the photo stays, one face gets the person's identity."""
+    gr.Markdown("The photo stays as it is; one of its faces (the largest, or the n-th from the left) is made again "
+                "with the identity of the person in the face photo. Only the face's crop is generated, so a photo "
+                "of any size works.")
+    with gr.Row():
+        with gr.Column():
+            target = gr.Image(label="Photo to change", type="filepath", height=280, elem_id="swap-target",
+                              **_accepted(gr.Image.__init__, image_mode=None))
+            face = gr.Image(label="Face photo of the person", type="filepath", height=200, elem_id="swap-face",
+                            **_accepted(gr.Image.__init__, image_mode=None))
+            which = gr.Number(0, label="Which face, from the left (0: the largest)", precision=0, minimum=0,
+                              maximum=settings.LIMITS["which_face"].high, elem_id="swap-which")
+            strength = gr.Slider(*_range("init_strength"), value=refine.SWAP_STRENGTH, step=0.05,
+                                 label="How much of the face is repainted", elem_id="swap-strength")
+            prompt = gr.Textbox(label="Prompt (optional)", placeholder=pipeline.DEFAULT_PROMPT, elem_id="swap-prompt")
+            seed = gr.Number(42, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="swap-seed")
+            button = gr.Button("Swap", variant="primary", elem_id="swap")
+        with gr.Column():
+            result = gr.Image(label="Result", type="pil", interactive=False, elem_id="swap-result",
+                              **_accepted(gr.Image.__init__, format="png"))
+            caption = gr.Markdown(elem_id="swap-caption")
+    button.click(_swap_handler(session), inputs=[target, face, which, strength, prompt, seed], outputs=[result, caption],
+                 **_accepted(button.click, concurrency_limit=1, concurrency_id="gpu"))
 
 
 def _by_name(handler: Callable, named: dict[str, Any]) -> Callable:
     """Gradio hands a set of inputs over as one {component: value} dict; the handler takes them by name."""
 
     def on_click(values: dict, progress=gr.Progress()):
-        return handler(**{name: values[component] for name, component in named.items()}, progress=progress)
+        yield from handler(**{name: values[component] for name, component in named.items()}, progress=progress)
 
     return on_click
 
@@ -300,11 +381,10 @@ def _control_sections() -> dict[str, Any]:
     return named
 
 
-def _lcm_switch(lcm: bool) -> tuple[Any, Any]:
-    """Ticking fast mode moves steps and guidance to LCM's values; unticking moves them back to the core's."""
-    defaults = _core_defaults()
-    steps, guidance = (LCM_STEPS, LCM_GUIDANCE) if lcm else (defaults["steps"], defaults["guidance_scale"])
-    return gr.update(value=steps), gr.update(value=guidance)
+def _speed_switch(name: str) -> tuple[Any, Any]:
+    """Choosing a speed mode moves steps and guidance to its model card's values (they stay editable)."""
+    preset = speed.preset(name)
+    return gr.update(value=preset.steps), gr.update(value=preset.guidance_scale)
 
 
 def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
@@ -322,145 +402,166 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
             "Upload a clear face photo, describe the picture, press **Generate**. "
             "Raise both strengths for more likeness; if colours look burnt, lower the adapter strength first."
         )
-        with gr.Row():
-            with gr.Column():
-                face = gr.Image(
-                    label="Face photo",
-                    type="filepath",
-                    height=280,
-                    elem_id="face-image",
-                    **_accepted(gr.Image.__init__, image_mode=None, sources=["upload", "webcam", "clipboard"]),
-                )
-                pose = gr.Image(
-                    label="Pose image (optional): the face position and picture size are taken from it",
-                    type="filepath",
-                    height=200,
-                    elem_id="pose-image",
-                    **_accepted(gr.Image.__init__, image_mode=None),
-                )
-                prompt = gr.Textbox(label="Prompt", placeholder=pipeline.DEFAULT_PROMPT, elem_id="prompt")
-                style = gr.Dropdown(list(styles.STYLES), value=defaults["style"], label="Style", elem_id="style")
-                identitynet = gr.Slider(
-                    *_range("identitynet_strength"),
-                    value=defaults["identitynet_strength"],
-                    step=0.05,
-                    label="IdentityNet strength (for fidelity)",
-                    elem_id="identitynet",
-                )
-                adapter = gr.Slider(
-                    *_range("adapter_strength"),
-                    value=defaults["adapter_strength"],
-                    step=0.05,
-                    label="Image adapter strength (for detail)",
-                    elem_id="adapter",
-                )
-                lcm = gr.Checkbox(
-                    defaults["lcm"],
-                    label="Fast mode (LCM-LoRA)",
-                    info=f"{LCM_STEPS}-10 steps at guidance ~{LCM_GUIDANCE}; the LoRA loads the first time it is used",
-                    elem_id="lcm",
-                )
-                with gr.Row():
-                    seed = gr.Number(
-                        defaults["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
+        with gr.Tab("Generate", elem_id="generate-tab"):
+            with gr.Row():
+                with gr.Column():
+                    face = gr.Image(
+                        label="Face photo",
+                        type="filepath",
+                        height=280,
+                        elem_id="face-image",
+                        **_accepted(gr.Image.__init__, image_mode=None, sources=["upload", "webcam", "clipboard"]),
                     )
-                    randomize_seed = gr.Checkbox(True, label="Randomize seed", elem_id="randomize-seed")
-                with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
-                with gr.Accordion("Advanced", open=False):
-                    negative = gr.Textbox(label="Negative prompt", placeholder="the style adds its own negative")
-                    steps = gr.Slider(*_range("steps"), value=defaults["steps"], step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(
-                        *_range("guidance_scale"), value=defaults["guidance_scale"], step=0.1, label="Guidance", elem_id="guidance"
+                    pose = gr.Image(
+                        label="Pose image (optional): the face position and picture size are taken from it",
+                        type="filepath",
+                        height=200,
+                        elem_id="pose-image",
+                        **_accepted(gr.Image.__init__, image_mode=None),
                     )
-                    scheduler = gr.Dropdown(list(SCHEDULER_CHOICES), value=defaults["scheduler"], label="Scheduler")
-                    size = gr.Dropdown(
-                        list(SIZE_CHOICES),
-                        value=AUTO_SIZE,
-                        allow_custom_value=True,
-                        label="Output size",
-                        info="Auto follows the photo (the official rule: short side 1024, long side at most 1280). "
-                        "Or type WIDTHxHEIGHT (multiples of 64).",
-                        elem_id="size",
-                    )
-                    num_images = gr.Slider(1, 4, value=defaults["num_images"], step=1, label="Number of images")
-                    enhance = gr.Checkbox(
-                        defaults["enhance_non_face"],
-                        label="Enhance non-face region",
-                        info="IdentityNet and the adapter act only inside the face box; the prompt paints the rest",
-                    )
-                    noise = gr.Slider(
-                        *_range("negative_noise"),
-                        value=defaults["negative_noise"],
+                    prompt = gr.Textbox(label="Prompt", placeholder=pipeline.DEFAULT_PROMPT, elem_id="prompt")
+                    style = gr.Dropdown(list(styles.STYLES), value=defaults["style"], label="Style", elem_id="style")
+                    identitynet = gr.Slider(
+                        *_range("identitynet_strength"),
+                        value=defaults["identitynet_strength"],
                         step=0.05,
-                        label="Noise injection",
-                        info="Noise in the negative face embedding against burnt colours; ComfyUI_InstantID uses 0.35",
+                        label="IdentityNet strength (for fidelity)",
+                        elem_id="identitynet",
                     )
-                    extra_faces = gr.File(
-                        label="More photos of the same person (optional)",
-                        file_count="multiple",
-                        file_types=["image"],
+                    adapter = gr.Slider(
+                        *_range("adapter_strength"),
+                        value=defaults["adapter_strength"],
+                        step=0.05,
+                        label="Image adapter strength (for detail)",
+                        elem_id="adapter",
                     )
-                    combine = gr.Dropdown(
-                        [(mode.replace("_", " "), mode) for mode in settings.COMBINE_MODES],
-                        value=defaults["combine"],
-                        label="Combine several faces",
+                    speed_mode = gr.Dropdown(
+                        list(speed.SPEEDS), value=speed.DEFAULT_SPEED, label="Speed", elem_id="speed",
+                        info="quality: 30 steps; lcm, lightning, hyper, dmd2 and tcd: 4-8 steps with a distilled "
+                             "LoRA (loaded the first time it is used)")
+                    live_preview = gr.Checkbox(False, label="Live preview", elem_id="live-preview",
+                                               info=f"a quick picture of the image forming, every {speed.PREVIEW_EVERY} "
+                                                    "steps (TAESDXL)")
+                    with gr.Row():
+                        refine_on = gr.Checkbox(False, label="Refine face", elem_id="refine-on",
+                                                info="after the image, make each face again at full resolution "
+                                                     "through a 1024 crop (about 0.4 of the image's time)")
+                        refine_strength = gr.Slider(*_range("refine_strength"), value=refine.REFINE_STRENGTH, step=0.05,
+                                                    label="Refine strength", elem_id="refine-strength")
+                    with gr.Row():
+                        seed = gr.Number(
+                            defaults["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
+                        )
+                        randomize_seed = gr.Checkbox(True, label="Randomize seed", elem_id="randomize-seed")
+                    with gr.Row():
+                        generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                        stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
+                    with gr.Accordion("Advanced", open=False):
+                        negative = gr.Textbox(label="Negative prompt", placeholder="the style adds its own negative")
+                        steps = gr.Slider(*_range("steps"), value=speed.SPEEDS[speed.DEFAULT_SPEED].steps, step=1, label="Steps",
+                                          elem_id="steps")
+                        guidance = gr.Slider(*_range("guidance_scale"), value=speed.SPEEDS[speed.DEFAULT_SPEED].guidance_scale,
+                                             step=0.1, label="Guidance", elem_id="guidance")
+                        with gr.Row():
+                            guidance_from = gr.Slider(*_range("guidance_interval"), value=0.0, step=0.01,
+                                                      label="Guidance from (fraction of the steps)",
+                                                      elem_id="guidance-from")
+                            guidance_to = gr.Slider(*_range("guidance_interval"), value=1.0, step=0.01, label="to",
+                                                    elem_id="guidance-to",
+                                                    info="outside, the unconditional half is not computed (faster)")
+                        scheduler = gr.Dropdown(list(SCHEDULER_CHOICES), value=SPEED_SCHEDULER, label="Scheduler")
+                        size = gr.Dropdown(
+                            list(SIZE_CHOICES),
+                            value=AUTO_SIZE,
+                            allow_custom_value=True,
+                            label="Output size",
+                            info="Auto follows the photo (the official rule: short side 1024, long side at most 1280). "
+                            "Or type WIDTHxHEIGHT (multiples of 64).",
+                            elem_id="size",
+                        )
+                        num_images = gr.Slider(1, 4, value=defaults["num_images"], step=1, label="Number of images")
+                        enhance = gr.Checkbox(
+                            defaults["enhance_non_face"],
+                            label="Enhance non-face region",
+                            info="IdentityNet and the adapter act only inside the face box; the prompt paints the rest",
+                        )
+                        noise = gr.Slider(
+                            *_range("negative_noise"),
+                            value=defaults["negative_noise"],
+                            step=0.05,
+                            label="Noise injection",
+                            info="Noise in the negative face embedding against burnt colours; ComfyUI_InstantID uses 0.35",
+                        )
+                        extra_faces = gr.File(
+                            label="More photos of the same person (optional)",
+                            file_count="multiple",
+                            file_types=["image"],
+                        )
+                        combine = gr.Dropdown(
+                            [(mode.replace("_", " "), mode) for mode in settings.COMBINE_MODES],
+                            value=defaults["combine"],
+                            label="Combine several faces",
+                        )
+                    people_inputs = _people_section()
+                    control_inputs = _control_sections()
+                    with gr.Accordion("Style LoRAs", open=False):
+                        lora_text = gr.Textbox(
+                            label="LoRAs, one per line: a hub id (owner/name or owner/name/file.safetensors) or a file "
+                                  "path, optionally :scale", lines=2, placeholder="owner/sdxl-style-lora:0.8", elem_id="lora-text")
+                        lora_files = gr.File(label="or upload SDXL LoRA files", file_count="multiple",
+                                             file_types=[".safetensors"], elem_id="lora-files")
+                        lora_scale = gr.Slider(*_range("lora_scale"), value=1.0, step=0.05, label="Scale of uploaded LoRAs")
+                    with gr.Accordion("Start from a photo (img2img)", open=False):
+                        init = gr.Image(label="Start photo: its composition and colours are kept, the face comes from "
+                                              "the face photo", type="filepath", height=200, elem_id="init-image",
+                                        **_accepted(gr.Image.__init__, image_mode=None))
+                        init_strength = gr.Slider(*_range("init_strength"), value=defaults["init_strength"], step=0.05,
+                                                  label="How much of it is repainted (1: all of it)", elem_id="init-strength")
+                with gr.Column():
+                    gallery = gr.Gallery(
+                        label="Images",
+                        columns=2,
+                        height=520,
+                        elem_id="gallery",
+                        **_accepted(
+                            gr.Gallery.__init__,
+                            format="png",  # PNG keeps the settings and seed the core writes into image.info
+                            buttons=["download", "download_all", "fullscreen"],
+                            show_download_button=True,
+                            show_share_button=False,
+                        ),
                     )
-                people_inputs = _people_section()
-                control_inputs = _control_sections()
-                with gr.Accordion("Style LoRAs", open=False):
-                    lora_text = gr.Textbox(
-                        label="LoRAs, one per line: a hub id (owner/name or owner/name/file.safetensors) or a file "
-                              "path, optionally :scale", lines=2, placeholder="owner/sdxl-style-lora:0.8", elem_id="lora-text")
-                    lora_files = gr.File(label="or upload SDXL LoRA files", file_count="multiple",
-                                         file_types=[".safetensors"], elem_id="lora-files")
-                    lora_scale = gr.Slider(*_range("lora_scale"), value=1.0, step=0.05, label="Scale of uploaded LoRAs")
-                with gr.Accordion("Start from a photo (img2img)", open=False):
-                    init = gr.Image(label="Start photo: its composition and colours are kept, the face comes from "
-                                          "the face photo", type="filepath", height=200, elem_id="init-image",
-                                    **_accepted(gr.Image.__init__, image_mode=None))
-                    init_strength = gr.Slider(*_range("init_strength"), value=defaults["init_strength"], step=0.05,
-                                              label="How much of it is repainted (1: all of it)", elem_id="init-strength")
-            with gr.Column():
-                gallery = gr.Gallery(
-                    label="Images",
-                    columns=2,
-                    height=520,
-                    elem_id="gallery",
-                    **_accepted(
-                        gr.Gallery.__init__,
-                        format="png",  # PNG keeps the settings and seed the core writes into image.info
-                        buttons=["download", "download_all", "fullscreen"],
-                        show_download_button=True,
-                        show_share_button=False,
-                    ),
-                )
-                notices = gr.Markdown(elem_id="notices")
-                settings_panel = gr.Markdown(elem_id="settings")
-                kps = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
-                maps = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
-                                  elem_id="control-maps")
-                memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
+                    preview = gr.Image(label="Preview (TAESDXL, while the image forms)", type="pil", interactive=False,
+                                       height=256, elem_id="preview")
+                    notices = gr.Markdown(elem_id="notices")
+                    settings_panel = gr.Markdown(elem_id="settings")
+                    kps = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
+                    maps = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
+                                      elem_id="control-maps")
+                    memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
 
+        with gr.Tab("Face swap", elem_id="swap-tab"):
+            _swap_tab(session)
         named = dict(
             face_path=face, extra_face_files=extra_faces, combine=combine, pose_path=pose, prompt=prompt,
             negative_prompt=negative, style=style, identitynet_strength=identitynet, adapter_strength=adapter,
             steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed, randomize_seed=randomize_seed,
-            enhance_non_face=enhance, negative_noise=noise, lcm=lcm, size=size, num_images=num_images,
+            enhance_non_face=enhance, negative_noise=noise, speed_mode=speed_mode, size=size, num_images=num_images,
             lora_text=lora_text, lora_files=lora_files, lora_scale=lora_scale, init_path=init,
-            init_strength=init_strength, **people_inputs, **control_inputs,
+            init_strength=init_strength, refine_on=refine_on, refine_strength=refine_strength,
+            guidance_from=guidance_from, guidance_to=guidance_to, live_preview=live_preview, **people_inputs,
+            **control_inputs,
         )  # fmt: skip
         stop_requested = threading.Event()
         generate.click(
             _by_name(_generate_handler(session, stop_requested), named),
             inputs=set(named.values()),
-            outputs=[gallery, seed, settings_panel, kps, notices, maps],
+            outputs=[gallery, seed, settings_panel, kps, notices, maps, preview],
             **_accepted(generate.click, concurrency_limit=1, concurrency_id="gpu"),
         )
         # Not queued: it must run while the generation holds the queue's only slot.
         stop.click(stop_requested.set, queue=False)
-        lcm.change(_lcm_switch, inputs=lcm, outputs=[steps, guidance], queue=False)
+        speed_mode.change(_speed_switch, inputs=speed_mode, outputs=[steps, guidance], queue=False)
 
         def refresh() -> str:
             placements = [placement for placement, _ in session.controlnets.loaded.values()]

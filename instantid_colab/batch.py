@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from instantid_colab import controls, loras, people, settings
+from instantid_colab import controls, loras, people, settings, speed
 from instantid_colab.images import open_image
 
 RESULTS = "results.jsonl"
@@ -36,8 +36,8 @@ THUMB = 256
 # Columns: pipeline.generate's keyword names, plus the pictures and the output name. Lists ("controls",
 # "loras", "extra_faces") are `;`-separated in CSV and may be JSON lists in JSONL.
 NUMBERS = ("steps", "guidance_scale", "identitynet_strength", "adapter_strength", "seed", "width", "height",
-           "num_images", "negative_noise", "init_strength")
-TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name", "order")
+           "num_images", "negative_noise", "init_strength", "refine_face")
+TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name", "order", "speed", "guidance_interval")
 FLAGS = ("enhance_non_face", "lcm")
 PICTURES = ("face", "pose", "init_image")
 LISTS = ("extra_faces", "controls", "control_maps", "loras", "people", "person_masks")
@@ -132,18 +132,20 @@ def _relative(base: Path, text: str) -> str:
     return str(path if path.is_absolute() else base / path)
 
 
-def prepare_rows(manifest: str | Path, smoke: bool = False) -> list[Row]:
+def prepare_rows(manifest: str | Path, smoke: bool = False, speed: str | None = None) -> list[Row]:
     """Every row checked (settings, pictures, controls, LoRAs) and keyed; ManifestError lists all problems.
 
-    Picture paths are relative to the manifest's folder. A row without a seed gets one derived from its
-    content, so a re-run makes the same picture and finds it done.
+    Picture paths are relative to the manifest's folder. `speed`: the speed mode of rows without a speed
+    column. A row without a seed gets one derived from its content, so a re-run makes the same picture and
+    finds it done.
     """
     manifest = Path(manifest)
     base = manifest.parent
     rows, problems = [], []
     for number, raw in enumerate(read_manifest(manifest), 1):
         try:
-            rows.append(_prepare(number, raw, base, smoke))
+            rows.append(_prepare(number, {"speed": speed, **raw} if speed and "speed" not in raw else raw, base,
+                                 smoke))
         except (ValueError, FileNotFoundError) as error:  # SettingsError, ImageInputError, ...
             problems.append(f"row {number}: {error}")
     if problems:
@@ -206,6 +208,11 @@ def _prepare(number: int, raw: dict[str, Any], base: Path, smoke: bool) -> Row:
     digests["order"] = values.get("order")
     if "seed" not in plain:
         plain["seed"] = int(_digest({**plain, **digests})[:8], 16)  # stable per row content
+    plain = speed.with_preset(plain)
+    if "guidance_interval" in plain:
+        plain["guidance_interval"] = speed.parse_interval(plain["guidance_interval"])
+    if "refine_face" in plain:  # the refine pass's strength, run after the row's images are made
+        (plain["refine_face"],) = settings.check_arguments(refine_face=(plain["refine_face"], "refine_strength"))
     checked_plain = settings.check({**plain, "init_image": values.get("init_image")})
     del checked_plain["init_image"]
     values.update(checked_plain)
@@ -310,7 +317,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
     """Make every row not yet in `out/results.jsonl`, taking rows through `Claims` (safe with several processes)."""
     from tqdm.auto import tqdm
 
-    from instantid_colab import pipeline
+    from instantid_colab import pipeline, refine
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,6 +338,10 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                                     "pid": os.getpid(), "device": device}
             try:
                 result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
+                if row.values.get("refine_face"):
+                    refine.refine_faces(session, result, row.values["refine_face"], face_image=row.values["face_image"],
+                                        extra_face_images=row.values["extra_face_images"],
+                                        people=row.values.get("people", ()))
             except (ValueError, MemoryError) as error:  # a face not found, a bad LoRA, ...
                 line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
                 claims.finish(row, line)
@@ -366,7 +377,8 @@ def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Pa
 
 
 def _keywords(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if key != "face_image"}
+    """pipeline.generate's keywords of a row (the face goes first; the refine pass comes after)."""
+    return {key: value for key, value in values.items() if key not in ("face_image", "refine_face")}
 
 
 def contact_sheet(out: Path, rows: list[Row], label: str | None = None, columns: int = 4) -> Path | None:

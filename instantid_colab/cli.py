@@ -126,7 +126,7 @@ def _generation_values(args: argparse.Namespace) -> dict:
     """`pipeline.generate`'s keyword arguments from the command line (checked by `settings.check`)."""
     values = {name: getattr(args, name) for name in (
         "style", "identitynet_strength", "adapter_strength", "steps", "guidance_scale", "scheduler", "width", "height",
-        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm", "init_strength")}
+        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm", "init_strength", "speed")}
     values["init_image"] = args.init_image
     if args.smoke and args.width is None and args.height is None:
         from instantid_colab.smoke import SMOKE_SIZE
@@ -153,9 +153,13 @@ def _generate(args: argparse.Namespace) -> int:
     from instantid_colab.faces import Likeness
     from instantid_colab.images import open_image
 
+    from instantid_colab import speed
+
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    values = settings.check({**_generation_values(args), "seed": seed})
+    values = settings.check(speed.with_preset({**_generation_values(args), "seed": seed}))
     del values["seed"]
+    settings.check_arguments(refine_strength=(args.refine_face, "refine_strength"))
+    values["guidance_interval"] = speed.parse_interval(args.guidance_interval)
     people, order = _people(args)
     if args.face is None and not args.smoke and not people:
         raise settings.SettingsError(["--face is required: a photo with one clearly visible face (or --person, once "
@@ -181,14 +185,14 @@ def _generate(args: argparse.Namespace) -> int:
     result = pipeline.generate(session, face, args.prompt, negative_prompt=args.negative_prompt, seed=seed,
                                pose_image=pose, extra_face_images=extra_faces, controls=control_list, loras=lora_list,
                                people=people, order=order, **values)
+    if args.refine_face is not None:
+        from instantid_colab import refine
+
+        refine.refine_faces(session, result, args.refine_face, face_image=face, extra_face_images=extra_faces,
+                            people=people)
     for image, path in zip(result.images, paths):
         pipeline.save_png(image, path, overwrite=args.overwrite)
-    if result.label:
-        print(f"[{result.label}]")
-    if renamed:
-        print(f"notice: {renamed}")
-    for notice in result.notices:
-        print(f"notice: {notice}")
+    _print_notices(result.label, renamed, result.notices)
     if recorder is not None:
         print(recorder.render())
     print(f"seed {result.seed}  {result.seconds:.1f} s  plan {result.plan.placement}")
@@ -197,6 +201,9 @@ def _generate(args: argparse.Namespace) -> int:
               f"steps {control['start']:.0%}-{control['end']:.0%}")
     for lora in result.settings["loras"]:
         print(f"LoRA {lora['name']} x {lora['scale']}")
+    for index, refined in enumerate(result.refined):
+        print(f"image {index + 1}: refined {refined['faces']} face{'s' if refined['faces'] != 1 else ''} at strength "
+              f"{refined['strength']} (likeness before: {refined['identity_similarity_before']})")
     for index in result.best_first():
         print(f"  {result.likeness[index].render():<52} saved {paths[index]}")
         for number, person in enumerate(result.image_metadata(index).get("people", ()), 1):
@@ -204,6 +211,14 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"    person {number} ({person['photos']} photo{'s' if person['photos'] > 1 else ''}, face box "
                   f"{person['face_box']}): {score.render()}")
     return 0
+
+
+def _print_notices(label: str | None, renamed: str | None, notices: list[str]) -> None:
+    """What a run says before its results: the smoke label, a kept file's new name, the pipeline's notices."""
+    if label:
+        print(f"[{label}]")
+    for notice in ([renamed] if renamed else []) + notices:
+        print(f"notice: {notice}")
 
 
 def _people(args: argparse.Namespace) -> tuple[list, list[int] | None]:
@@ -225,6 +240,29 @@ def _people(args: argparse.Namespace) -> tuple[list, list[int] | None]:
     return people.from_text(args.person, args.person_mask, args.order)
 
 
+def _swap(args: argparse.Namespace) -> int:
+    """Check the settings, both photos and the destination before loading; then swap and save."""
+    from instantid_colab import outputs, pipeline, refine, settings
+    from instantid_colab.images import open_image
+
+    values = settings.check({name: getattr(args, name) for name in (
+        "style", "identitynet_strength", "adapter_strength", "steps", "guidance_scale", "scheduler")}
+        | {"seed": args.seed})
+    settings.check_arguments(strength=(args.strength, "init_strength"), which=(args.which, "which_face"))
+    target = open_image(args.photo, "target photo", max_side=None)
+    face = open_image(args.face, "face photo")
+    (path,), renamed = outputs.plan_outputs(args.out, 1, args.overwrite)
+    session = pipeline.load_pipeline(_weights(args))
+    result = refine.swap(session, target, face, which=args.which, strength=args.strength, prompt=args.prompt,
+                         negative_prompt=args.negative_prompt, **values)
+    pipeline.save_png(result.image, path, overwrite=args.overwrite)
+    _print_notices(result.label, renamed, result.notices)
+    print(f"swapped the face at {result.face_box} (strength {result.strength}, seed {result.seed}, {result.seconds:.1f} s): "
+          f"{result.likeness.render()}")
+    print(f"saved {path}")
+    return 0
+
+
 def _batch(args: argparse.Namespace) -> int:
     """Check every row, load once, make what results.jsonl lacks; `--gpus N` relaunches under accelerate."""
     from instantid_colab import batch, pipeline
@@ -233,7 +271,7 @@ def _batch(args: argparse.Namespace) -> int:
     check_arguments(gpus=(args.gpus, "gpus"))
     if args.gpus > 1:
         return _launch_on_gpus(args.gpus, args.argv)
-    rows = batch.prepare_rows(args.manifest, smoke=args.smoke)
+    rows = batch.prepare_rows(args.manifest, smoke=args.smoke, speed=args.speed)
     process, processes = 0, 1
     if "LOCAL_RANK" in os.environ:  # one of the processes `accelerate launch` started: its own GPU, its own plan
         import torch
@@ -296,7 +334,9 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate_options(generate: argparse.ArgumentParser) -> None:
+    from instantid_colab.schedulers import SCHEDULERS
     from instantid_colab.settings import LIMITS
+    from instantid_colab.speed import SPEEDS
 
     def limits(name: str, default: object) -> str:
         return f"{LIMITS[name].render()}; default {default}"
@@ -311,9 +351,16 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
                           help="a .png file or a folder; an existing file is kept (the next free name is used)")
     generate.add_argument("--overwrite", action="store_true", help="replace existing files at --out")
     generate.add_argument("--seed", type=int, help="default: random (printed); " + LIMITS["seed"].render())
-    generate.add_argument("--steps", type=int, default=30, help=limits("steps", 30))
-    generate.add_argument("--guidance-scale", type=float, default=5.0, help=limits("guidance_scale", 5.0))
-    generate.add_argument("--scheduler", default="Euler")
+    generate.add_argument("--speed", default="quality", choices=list(SPEEDS), metavar="NAME",
+                          help="a speed mode: " + ", ".join(SPEEDS) + " (each with the steps, guidance, sampler and "
+                               "few-step LoRA its model card gives; default quality: 30 steps, guidance 5, Euler)")
+    generate.add_argument("--steps", type=int, help=LIMITS["steps"].render() + "; default: the speed mode's")
+    generate.add_argument("--guidance-scale", type=float,
+                          help=LIMITS["guidance_scale"].render() + "; default: the speed mode's")
+    generate.add_argument("--guidance-interval", metavar="START,END",
+                          help="classifier-free guidance only on these fractions of the steps (e.g. 0.17,0.9); "
+                               "outside them the unconditional half is not computed")
+    generate.add_argument("--scheduler", help="default: the speed mode's (" + ", ".join(SCHEDULERS) + ")")
     generate.add_argument("--identitynet-strength", type=float, default=0.8, help=limits("identitynet_strength", 0.8))
     generate.add_argument("--adapter-strength", type=float, default=0.8, help=limits("adapter_strength", 0.8))
     generate.add_argument("--width", type=int, help="multiple of 64, 64 to 1280 (with --height; default: from the photo)")
@@ -331,7 +378,7 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
                           help="with --pose: the person for each face of the pose photo, left to right (e.g. 2,1)")
     generate.add_argument("--enhance-non-face", action=argparse.BooleanOptionalAction, default=True)
     generate.add_argument("--negative-noise", type=float, default=0.0, help=limits("negative_noise", 0.0))
-    generate.add_argument("--lcm", action="store_true", help="LCM-LoRA: use ~5-10 steps, guidance ~1.5")
+    generate.add_argument("--lcm", action="store_true", help="the same as --speed lcm (LCM-LoRA, 5 steps, guidance 1.5)")
     generate.add_argument("--control", action="append", metavar="KIND=IMAGE[:STRENGTH]",
                           help="body pose, canny edges or depth taken from a photo (pose|canny|depth; strength "
                                f"{LIMITS['control_strength'].render()}, default 0.4; repeatable)")
@@ -345,11 +392,16 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--init-image", help="start from this photo (img2img); the face still comes from --face")
     generate.add_argument("--init-strength", type=float, default=0.8,
                           help="how much of the start photo is repainted: " + limits("init_strength", 0.8))
+    generate.add_argument("--refine-face", type=float, nargs="?", const=0.4, metavar="STRENGTH",
+                          help="after the image is made, make each face again at full resolution through a 1024 "
+                               f"crop and paste it back ({LIMITS['refine_strength'].render()}; 0.4 when given alone)")
     generate.add_argument("--memory", action="store_true", help="print the per-stage memory table")
     generate.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from instantid_colab.settings import LIMITS
+
     parser = argparse.ArgumentParser(prog="python -m instantid_colab", description=__doc__,
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -380,12 +432,37 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_options(generate)
     _weights_options(generate)
 
+    swap = command("swap", "give a face in a photo another person's identity; the rest of the photo stays as it is",
+                   _swap)
+    swap.add_argument("--photo", required=True, help="the photo to change (any size; only the face's crop is generated)")
+    swap.add_argument("--face", required=True, help="a photo of the person whose identity the face gets")
+    swap.add_argument("--which", type=int, help="the face to change, counted from the left from 1 (default: the largest)")
+    swap.add_argument("--strength", type=float, default=0.7,
+                      help="how much of the face is repainted: " + LIMITS["init_strength"].render() + "; default 0.7")
+    swap.add_argument("--prompt", default="", help='what the face region shows (empty: "a person")')
+    swap.add_argument("--negative-prompt", default=None)
+    swap.add_argument("--style", default="No style")
+    swap.add_argument("--seed", type=int, default=42, help=LIMITS["seed"].render())
+    swap.add_argument("--steps", type=int, default=30, help=LIMITS["steps"].render())
+    swap.add_argument("--guidance-scale", type=float, default=5.0, help=LIMITS["guidance_scale"].render())
+    swap.add_argument("--scheduler", default="Euler")
+    swap.add_argument("--identitynet-strength", type=float, default=0.8, help=LIMITS["identitynet_strength"].render())
+    swap.add_argument("--adapter-strength", type=float, default=0.8, help=LIMITS["adapter_strength"].render())
+    swap.add_argument("--out", default="outputs/swap.png", help="a .png file or a folder; an existing file is kept")
+    swap.add_argument("--overwrite", action="store_true", help="replace an existing file at --out")
+    swap.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
+    _weights_options(swap)
+
     batch = command("batch", "many images from a manifest (CSV or JSONL), resumable, on one or several GPUs", _batch)
     batch.add_argument("manifest", help="CSV with a header row or JSONL; columns: face, prompt, style, seed, steps, "
                                         "identitynet_strength, adapter_strength, width, height, controls, loras, ... "
                                         "(README); missing columns take the defaults")
     batch.add_argument("--out", default="outputs/batch", help="folder for the PNGs, results.jsonl, contact_sheet.png")
     batch.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
+    from instantid_colab.speed import SPEEDS
+
+    batch.add_argument("--speed", choices=list(SPEEDS), metavar="NAME",
+                       help="the speed mode of rows without a speed column: " + ", ".join(SPEEDS))
     batch.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
     _weights_options(batch)
 

@@ -217,7 +217,8 @@ class _FaceTokens(torch.nn.Module):
         self.tokens = tokens[:, None]  # [batch, 1 image, tokens, cross_dim], the Resampler's output layout
 
     def forward(self, image_embeds) -> list[torch.Tensor]:
-        return [self.tokens]
+        batch = image_embeds[0].shape[0]  # a step computed on the conditional half only gets its half
+        return [self.tokens[-batch:] if batch < self.tokens.shape[0] else self.tokens]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Style LoRAs on top of the SDXL model: several at once, each with a scale, combinable with LCM.
+"""Style LoRAs on top of the SDXL model: several at once, each with a scale, combinable with a speed preset's LoRA.
 
 diffusers' adapter API (peft) loads, weights and deletes them; LoRA layers sit beside the base
 weights, which stay bit-identical, so changing or removing a LoRA between calls reloads nothing.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from instantid_colab.settings import LIMITS, SettingsError, number
 
-LCM_ADAPTER = "lcm"
+SPEED_PREFIX = "speed_"  # the adapter of a speed preset's distilled LoRA (`speed.SPEEDS`)
 SMOKE_LORA = "smoke"  # `--lora smoke`: the tiny LoRA written for the smoke UNet
 _DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
 _UP = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
@@ -139,12 +139,13 @@ class LoraState:
         self.files: dict[str, Path] = {}
         self.active: dict[str, float] = {}
 
-    def apply(self, pipe, wanted: list[tuple[Path, float]], lcm: Path | None = None) -> None:
-        """Load what is new (each checked first), delete what is no longer asked for (the LCM-LoRA stays
-        loaded for the next fast run), activate the rest. A file that does not fit changes nothing."""
+    def apply(self, pipe, wanted: list[tuple[Path, float]], speed: tuple[Path, float] | None = None) -> None:
+        """Load what is new (each checked first), delete what is no longer asked for, activate the rest. A speed
+        preset's LoRA stays loaded (off) for the next fast run until another one is asked for: it is large.
+        A file that does not fit changes nothing."""
         requested = {adapter_name(path): (path, scale) for path, scale in wanted}
-        if lcm is not None:
-            requested[LCM_ADAPTER] = (lcm, 1.0)
+        if speed is not None:
+            requested[SPEED_PREFIX + adapter_name(speed[0])] = speed
         if not requested and not self.active:
             return  # nothing asked, nothing on: asking diffusers would walk every module
         added = []
@@ -159,7 +160,8 @@ class LoraState:
                 del self.files[name]
             activate(pipe, self.active)
             raise
-        for name in [name for name in self.files if name not in requested and name != LCM_ADAPTER]:
+        kept = speed is None  # with no speed LoRA asked for, the last one stays for the next fast run
+        for name in [name for name in self.files if name not in requested and not (kept and name.startswith(SPEED_PREFIX))]:
             pipe.delete_adapters(name)
             del self.files[name]
         self.active = {name: scale for name, (_, scale) in requested.items()}

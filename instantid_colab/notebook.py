@@ -226,6 +226,46 @@ def batch(session: InstantIDSession, manifest: str = "", out: str | Path = "outp
     return report
 
 
+def generate(session: InstantIDSession, face: Image.Image | None, prompt: str, refine_face: float = 0.0,
+             live_preview: bool = False, **settings: Any) -> GenerationResult:
+    """`pipeline.generate` with the form's settings (a live TAESDXL preview in the cell's output when asked),
+    then the refine pass when `refine_face` > 0 (its strength)."""
+    from instantid_colab import pipeline, refine
+
+    if live_preview:
+        from IPython.display import display
+
+        shown = display(None, display_id=True)
+        settings["preview"] = lambda step, total, image: shown.update(image)
+    result = pipeline.generate(session, face, prompt, **settings)
+    if refine_face:
+        refine.refine_faces(session, result, refine_face, face_image=face,
+                            extra_face_images=settings.get("extra_face_images", ()), people=settings.get("people", ()))
+    return result
+
+
+def swap(session: InstantIDSession, target: str = "", face: str = "", which: int = 0, strength: float = 0.7,
+         out: str | Path = "outputs/swap.png", smoke: bool = False) -> Path | None:
+    """Give a face of the `target` photo the identity of the `face` photo (`refine.swap`), save and show it.
+    Smoke mode without photos uses a drawn photo with one smoke face and the sample face."""
+    from instantid_colab import refine
+    from instantid_colab.pipeline import save_png
+
+    if smoke and not (target or face):
+        from instantid_colab.smoke import sample_face_image
+
+        target, face = sample_face_image(640, face_color=(170, 200, 240)), sample_face_image()
+    if not (target and face):
+        print("No TARGET_PHOTO or SWAP_FACE: give both to put the person into the photo.")
+        return None
+    result = refine.swap(session, target, face, which=which or None, strength=strength)
+    path = save_png(result.image, out)
+    print((f"{result.label}\n" if result.label else "") + f"face at {result.face_box}, strength {result.strength}: "
+          f"{result.likeness.render()}; saved {path}")
+    show_image(path)
+    return path
+
+
 def show_text(text: str, label: str | None = None) -> None:
     """Print a fixed-width table, under the smoke label when its numbers come from random weights."""
     print(f"{label}\n{text}" if label else text)

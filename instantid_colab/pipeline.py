@@ -28,7 +28,7 @@ from instantid_colab import faces, memory, styles
 from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
 from instantid_colab.schedulers import SCHEDULERS
-from instantid_colab.settings import MULTIPLE, SettingsError, check as check_settings
+from instantid_colab.settings import MULTIPLE, SettingsError, check as check_settings, check_arguments
 from instantid_colab.identity import (
     FaceRegion, IdentityNet, execution_device, face_conditioning, face_tokens, use_face_region_processors,
 )
@@ -38,11 +38,12 @@ from instantid_colab.controls import (
 )
 from instantid_colab.controls import describe as describe_control
 from instantid_colab.controlnets import Annotations, ControlNets, MultiControlNetModel, control_map
-from instantid_colab.loras import LCM_ADAPTER, SMOKE_LORA, Lora, LoraState, check_loras
+from instantid_colab import speed as speed_module
+from instantid_colab.loras import SMOKE_LORA, Lora, LoraState, check_loras
 from instantid_colab.people import AUTO_SIZE, Cast, Person, cast as cast_people, check_people
 from instantid_colab.people import likeness as people_likeness
 from instantid_colab.weights import (
-    SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lcm_lora, ensure_lora, reading, root_of,
+    SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, reading, root_of,
 )
 
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
@@ -69,24 +70,40 @@ class InstantIDSession:
     loras: LoraState = field(default_factory=LoraState)
     controlnets: ControlNets = field(default_factory=ControlNets)
     annotations: Annotations = field(default_factory=Annotations)
-    _img2img: Any = None
+    _views: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str | None:
         return SMOKE_LABEL if self.smoke else None
 
-    @property
-    def lcm_loaded(self) -> bool:
-        return LCM_ADAPTER in self.loras.files
+    def taesd(self):
+        """TAESDXL for previews, loaded the first time one is asked for, in the UNet's dtype beside it."""
+        if "taesd" not in self._views:
+            from diffusers import AutoencoderTiny
 
-    def img2img(self):
-        """The same components as an SDXL ControlNet img2img pipeline (built once, shares every module)."""
-        if self._img2img is None:
-            from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+            folder = ensure_taesd(self.weights, speed_module.TAESD_REPO, speed_module.TAESD_FILES)
+            self._views["taesd"] = load_component(AutoencoderTiny, folder, str(self.device),
+                                                  parameter_dtype(self.pipe.unet)).eval()
+        return self._views["taesd"]
 
-            self._img2img = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(self.pipe, controlnet=self.pipe.controlnet)
-            self._img2img.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
-        return self._img2img
+    def view(self, name: str):
+        """The same components as diffusers' SDXL ControlNet img2img or inpaint pipeline ("img2img" / "inpaint"),
+        built once, sharing every module."""
+        if name not in self._views:
+            import inspect
+
+            import diffusers
+
+            kind = getattr(diffusers, {"img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+                                       "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}[name])
+            # Not `from_pipe`: it casts every shared module to one dtype (float32 unless told), which doubles the
+            # fp16 UNet in memory on a T4 and puts float32 CPU text encoders in fp16.
+            accepted = inspect.signature(kind.__init__).parameters
+            view = kind(**{key: module for key, module in self.pipe.components.items() if key in accepted},
+                        **({"add_watermarker": False} if "add_watermarker" in accepted else {}))
+            view.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+            self._views[name] = view
+        return self._views[name]
 
     def annotator_folder(self, kind: str) -> Path:
         return ensure_annotator(self.weights, ANNOTATOR_REPOS[kind], ANNOTATOR_FILES)
@@ -109,6 +126,8 @@ class GenerationResult:
     likeness: list = field(default_factory=list)  # faces.Likeness per image (with people: the least alike person's)
     control_maps: list = field(default_factory=list)  # what each extra ControlNet saw, in `settings["controls"]` order
     people_likeness: list = field(default_factory=list)  # with people: per image, faces.Likeness per person
+    cast: Any = None  # people.Cast: the identities, places and regions the images were made with
+    refined: list = field(default_factory=list)  # after refine.refine_faces: per image, what the refine pass did
 
     def best_first(self) -> list[int]:
         """Image indices by likeness, highest first; images without a face last, in their order."""
@@ -124,7 +143,14 @@ class GenerationResult:
             metadata["people"] = [{**person, "identity_similarity": score.similarity,
                                    "identity_similarity_note": score.note}
                                   for person, score in zip(self.settings["people"], self.people_likeness[index])]
+        if self.refined:
+            metadata["refine_face"] = self.refined[index]
         return metadata
+
+    def attach_metadata(self) -> None:
+        """Each image carries its metadata as PNG text (`save_png` writes it; the app's gallery keeps `info`)."""
+        for index, image in enumerate(self.images):
+            attach_metadata(image, self.image_metadata(index), self.label)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +409,12 @@ def _metadata(settings: dict, label: str | None) -> PngInfo:
     return info
 
 
+def attach_metadata(image: Image.Image, metadata: dict, label: str | None) -> None:
+    """`metadata` as the image's PNG text (`save_png`) and in its `info` (kept by the app's gallery)."""
+    image.pnginfo = _metadata(metadata, label)
+    image.info.update({"instantid": json.dumps(metadata)})
+
+
 def save_png(image: Image.Image, path: str | Path, overwrite: bool = True) -> Path:
     """Save with the settings/seed metadata that `generate` attached (PIL drops it unless passed again).
 
@@ -416,18 +448,26 @@ class GenerationStopped(Exception):
 
 def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, negative_prompt: str | None = None,
              style: str = "No style", identitynet_strength: float = 0.8, adapter_strength: float = 0.8,
-             steps: int = 30, guidance_scale: float = 5.0, seed: int = 42, scheduler: str = "Euler",
+             steps: int | None = None, guidance_scale: float | None = None, seed: int = 42, scheduler: str | None = None,
              width: int | None = None, height: int | None = None, num_images: int = 1, pose_image=None,
              enhance_non_face: bool = True, negative_noise: float = 0.0, combine: str = "average",
              lcm: bool = False, extra_face_images: Sequence = (), controls: Sequence[Control] = (),
              loras: Sequence[Lora] = (), init_image=None, init_strength: float = 0.8,
-             people: Sequence[Person] = (), order: Sequence[int] | None = None,
+             init_mask=None, people: Sequence[Person] = (), order: Sequence[int] | None = None,
+             speed: str = speed_module.DEFAULT_SPEED, guidance_interval=None,
+             preview: Callable[[int, int, Image.Image], None] | None = None,
+             preview_every: int = speed_module.PREVIEW_EVERY,
              callback: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate `num_images` images of the person in `face_image`, or of several `people` in one picture.
 
     `people` (instead of `face_image`): each keeps their own face in their own region (`people.py`); they
     are placed on the faces of `pose_image` (left to right, or as `order` says) or side by side without one.
+    `init_mask` (with `init_image`): repaint only its white part (diffusers' ControlNet inpaint pipeline).
+    `speed`: a preset of `speed.SPEEDS` (scheduler, steps, guidance, distilled LoRA); `steps`, `guidance_scale`
+    and `scheduler` given here win over it (`lcm=True` is the "lcm" preset). `guidance_interval` (start, end):
+    CFG only on those fractions of the steps, the unconditional half not computed outside. `preview(step, total,
+    image)` gets a TAESDXL picture every `preview_every` steps.
 
     `controls`: extra ControlNets (pose/canny/depth, a photo to annotate or a ready map, each with a
     strength and a start/end fraction of the steps). `loras`: style LoRAs with scales. `init_image`:
@@ -439,6 +479,12 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     images carry their settings, seed and likeness as PNG text (`save_png`).
     """
     started = time.perf_counter()
+    resolved = speed_module.with_preset(dict(speed=speed, lcm=lcm, steps=steps, guidance_scale=guidance_scale,
+                                             scheduler=scheduler))
+    steps, guidance_scale, scheduler = resolved["steps"], resolved["guidance_scale"], resolved["scheduler"]
+    chosen = speed_module.preset(resolved["speed"])
+    interval = speed_module.parse_interval(guidance_interval)
+    (preview_every,) = check_arguments(preview_every=(preview_every, "preview_every"))
     checked = check_settings({
         "style": style, "identitynet_strength": identitynet_strength, "adapter_strength": adapter_strength,
         "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "scheduler": scheduler, "width": width,
@@ -454,6 +500,9 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
     layout_image = open_image(pose_image, "pose image") if pose_image is not None else None
     init = open_image(init_image, "start photo") if init_image is not None else None
+    if init_mask is not None and init is None:
+        raise SettingsError(["init_mask needs init_image: the mask says which part of the start photo is repainted"])
+    mask = open_image(init_mask, "repaint mask").convert("L") if init_mask is not None else None
     sources = [source_image(control) for control in controls]
     if people:
         size = (width, height) if width else official_size(*layout_image.size) if layout_image else AUTO_SIZE
@@ -472,13 +521,15 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     settings = {
         "prompt": styled_prompt, "negative_prompt": styled_negative, "user_prompt": prompt, "style": style,
         "seed": checked["seed"], "steps": checked["steps"], "guidance_scale": checked["guidance_scale"],
-        "scheduler": "LCM" if lcm else scheduler, "width": width, "height": height, "num_images": checked["num_images"],
+        "scheduler": scheduler, "width": width, "height": height, "num_images": checked["num_images"],
         "identitynet_strength": checked["identitynet_strength"], "adapter_strength": checked["adapter_strength"],
         "enhance_non_face": enhance_non_face, "negative_noise": checked["negative_noise"], "combine": combine,
-        "reference_faces": sum(photos), "pose_image": pose_image is not None, "lcm": lcm,
+        "reference_faces": sum(photos), "pose_image": pose_image is not None, "lcm": chosen.name == "lcm",
+        "speed": chosen.describe(), "guidance_interval": list(interval) if interval else None,
         "controls": [describe_control(control, source) for control, source in zip(controls, sources)],
         "loras": [{"name": lora.name, "scale": lora.scale} for lora in loras],
-        "init_image": None if init is None else {"strength": checked["init_strength"], "image_sha256": image_digest(init)},
+        "init_image": None if init is None else {"strength": checked["init_strength"], "image_sha256": image_digest(init),
+                                                 "mask": mask is not None},
     }
     if people:
         settings.update(people=cast.describe(photos), order=list(order) if order is not None else None)
@@ -487,7 +538,8 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         settings["label"] = label
     notices: list[str] = []
     call = dict(prompt=styled_prompt, negative_prompt=styled_negative, cast=cast, kps_images=kps_images,
-                as_people=bool(people), controls=controls, maps=maps, loras=loras, init=init, settings=settings,
+                as_people=bool(people), controls=controls, maps=maps, loras=loras, init=init, init_mask=mask,
+                settings=settings, chosen=chosen, interval=interval, preview=preview, preview_every=preview_every,
                 callback=callback, should_stop=should_stop)
     try:
         images = _denoise_and_decode(session, notices, **call)
@@ -496,35 +548,33 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         images = _denoise_and_decode(session, notices, **call)
 
     result = GenerationResult(images=images, seed=checked["seed"], settings=settings, kps_image=kps_image, seconds=0.0,
-                              plan=session.plan, notices=notices, label=label, control_maps=maps)
+                              plan=session.plan, notices=notices, label=label, control_maps=maps, cast=cast)
     if people:
         result.people_likeness = [people_likeness(session.faces, cast, image) for image in images]
         result.likeness = [min(scores, key=lambda score: (score.similarity is not None, score.similarity or 0.0))
                            for scores in result.people_likeness]
     else:
         result.likeness = [session.faces.likeness(cast.embeddings[0], image) for image in images]
-    for index, image in enumerate(images):
-        metadata = result.image_metadata(index)
-        image.pnginfo = _metadata(metadata, label)
-        image.info.update({"instantid": json.dumps(metadata)})
+    result.attach_metadata()
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
                         cast: Cast, kps_images: list, as_people: bool, controls: list[Control], maps: list,
-                        loras: list[Lora], init, settings: dict, callback, should_stop) -> list[Image.Image]:
+                        loras: list[Lora], init, init_mask, settings: dict, chosen, interval, preview,
+                        preview_every: int, callback, should_stop) -> list[Image.Image]:
     pipe = session.pipe
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
-    num, lcm = settings["num_images"], settings["lcm"]
-    lcm_file = (Path(session.weights.lcm_lora) if session.weights.lcm_lora else ensure_lcm_lora(session.weights)) if lcm else None
-    session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], lcm_file)
+    num = settings["num_images"]
+    speed_lora = (ensure_lora(session.weights, "/".join(chosen.lora)), chosen.lora_scale) if chosen.lora else None
+    session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], speed_lora)
     placements, nets = _extra_controlnets(session, [control.kind for control in controls], width, height, num)
     for control, placement in zip(settings["controls"], placements):
         control["model"] = CONTROL_MODELS[placement.kind][placement.variant].repo
         if placement.place == "offload":
             notices.append(f"The {placement.render()}: the GPU had no room for it.")
-    pipe.scheduler = _make_scheduler("LCM" if lcm else settings["scheduler"], session.scheduler_config)
+    pipe.scheduler = _make_scheduler(settings["scheduler"], session.scheduler_config)
     for processor in session.ip_processors:  # what set_ip_adapter_scale does, without walking the UNet again
         processor.scale = [settings["adapter_strength"]]
 
@@ -543,11 +593,17 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     region = None if cast.masks is None else FaceRegion(torch.from_numpy(cast.masks))
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
+    shown = None if preview is None else (lambda step, latents: preview(step, total, speed_module.preview_image(
+        session.taesd(), latents)))
+    plan = speed_module.StepPlan(interval, total, do_cfg, shown, preview_every)
+    settings["unconditional_steps"] = plan.unconditional_steps if do_cfg else 0
+
     def on_step_end(_pipe, step, _timestep, tensors):
         if callback is not None:
             callback(step + 1, total)
         if should_stop is not None and should_stop():
             raise GenerationStopped(f"stopped after step {step + 1} of {total}")
+        plan.after_step(step, tensors["latents"])
         return tensors
 
     identitynet = pipe.controlnet
@@ -563,13 +619,21 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     caller = pipe
     if init is None:
         arguments["image"] = images
-    else:
-        caller = session.img2img()
+    else:  # img2img, or inpaint where a mask says which part of the start photo is repainted
+        caller = session.view("img2img" if init_mask is None else "inpaint")
         arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=images,
                          strength=settings["init_image"]["strength"])
+        if init_mask is not None:
+            arguments["mask_image"] = init_mask.resize((width, height), Image.LANCZOS)
+    if chosen.timesteps and steps == len(chosen.timesteps) and init is None:  # the card's own schedule
+        arguments["timesteps"] = list(chosen.timesteps)
+    if chosen.eta is not None:
+        arguments["eta"] = chosen.eta
     text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region, len(cast.embeddings)), \
-            face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller):
+            face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller), \
+            speed_module.conditional_half_only([pipe.unet, controlnet] if interval and do_cfg else [],
+                                               lambda: plan.skipping):
         latents = caller(  # the tokens above stand in for what the UNet would make of these embeddings
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,

@@ -19,4 +19,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DEIS": ("DEISMultistepScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
     "LCM": ("LCMScheduler", {}),
+    # The few-step LoRAs' samplers (speed.SPEEDS cites where each setting comes from).
+    "Euler trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "DDIM trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "TCD": ("TCDScheduler", {}),
 }
+NEEDS_A_LORA = ("LCM", "TCD")  # consistency samplers: meaningful only with their distilled LoRA (a speed preset)

@@ -46,6 +46,10 @@ LIMITS: dict[str, Bounds] = {
     "num_images": Bounds(1, 8, True, "per call; the batch command makes any number"),
     "seed": Bounds(0, 2**32 - 1, True),
     "init_strength": Bounds(0.01, 1, source="how much of the start photo is repainted; the official img2img demo"),
+    "guidance_interval": Bounds(0, 1, source="fractions of the steps: classifier-free guidance only between them"),
+    "preview_every": Bounds(1, 100, True, "steps between previews"),
+    "refine_strength": Bounds(0.01, 1, source="how much of each face is repainted by the refine pass; 0.4 by default"),
+    "which_face": Bounds(1, 64, True, "faces counted from the left, from 1"),
     "control_strength": Bounds(0, 1.5, source="the official multi-ControlNet demo's range"),
     "control_start": Bounds(0, 1, source="fraction of the steps"),
     "control_end": Bounds(0, 1, source="fraction of the steps"),
@@ -140,8 +144,8 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
         if name in values and not isinstance(values[name], bool):
             problems.append(f"{name} {values[name]!r} must be true or false")
     choices = {"style": tuple(STYLES), "scheduler": tuple(SCHEDULERS), "combine": COMBINE_MODES}
-    for name, allowed in choices.items():
-        if name in values and values[name] not in allowed:
+    for name, allowed in choices.items():  # None: the default (a speed mode's scheduler, say)
+        if values.get(name) is not None and values[name] not in allowed:
             problems.append(f"{name} {values[name]!r} is not one of: {', '.join(allowed)}")
     width, height = values.get("width"), values.get("height")
     if (width is None) != (height is None):

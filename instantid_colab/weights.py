@@ -21,7 +21,6 @@ from instantid_colab.settings import SettingsError
 
 INSTANTID_REPO = "InstantX/InstantID"
 FP16_VAE_REPO = "madebyollin/sdxl-vae-fp16-fix"
-LCM_LORA_REPO = "latent-consistency/lcm-lora-sdxl"
 DEFAULT_BASE = "wangqixun/YamerMIX_v8"  # the official demo's base; its repo holds fp16 safetensors only
 
 # SDXL bases we know the file names of: repo -> diffusers variant of its fp16 safetensors
@@ -61,7 +60,6 @@ class WeightPaths:
     face_root: Path
     vae: str | None
     smoke: bool = False
-    lcm_lora: Path | None = None  # filled on first LCM use (`ensure_lcm_lora`) unless already known
 
 
 class MissingWeightsError(RuntimeError):
@@ -323,7 +321,6 @@ def ensure_weights(root: str | Path | None = None, *, base: str = DEFAULT_BASE, 
         adapter=instantid.local_dir / "ip-adapter.bin",
         face_root=face_root,
         vae=str(all_sources[2].local_dir) if fp16_vae else None,
-        lcm_lora=_lcm_source(root).local_dir / _lcm_source(root).files[0] if not _missing(_lcm_source(root)) else None,
     )
 
 
@@ -369,18 +366,13 @@ def _ensure(source: Source, what: str, downloader: Downloader, progress: bool, o
         check_file(source.local_dir / file, file)
 
 
-def _lcm_source(root: Path) -> Source:
-    return Source(LCM_LORA_REPO, ("pytorch_lora_weights.safetensors",), root / "lora" / "lcm-lora-sdxl")
-
-
-def ensure_lcm_lora(weights: WeightPaths, *, downloader: Downloader = hub_downloader, progress: bool = True,
-                    offline: bool | None = None) -> Path:
-    """The LCM-LoRA file (downloaded on first use; it is only needed when LCM is switched on)."""
-    if weights.lcm_lora is not None and Path(weights.lcm_lora).is_file():
-        return Path(weights.lcm_lora)
-    source = _lcm_source(root_of(weights))
-    _ensure(source, "The LCM-LoRA (switch LCM off to go without it)", downloader, progress, offline)
-    return source.local_dir / source.files[0]
+def ensure_taesd(weights: WeightPaths, repo: str, files: tuple[str, ...], *, downloader: Downloader = hub_downloader,
+                 progress: bool = True, offline: bool | None = None) -> Path:
+    """Folder of the tiny preview decoder (TAESDXL, a few MB), fetched the first time previews are asked for."""
+    folder = root_of(weights) / "previews" / repo.replace("/", "--")
+    _ensure(Source(repo, files, folder), f"The preview decoder {repo} (turn previews off to go without it)",
+            downloader, progress, offline)
+    return folder
 
 
 CONTROLNET_FILE = "diffusion_pytorch_model.fp16.safetensors"  # what ControlNetModel loads with variant="fp16"
@@ -424,13 +416,15 @@ def ensure_annotator(weights: WeightPaths, repo: str, files: tuple[str, ...], *,
 
 def ensure_lora(weights: WeightPaths, name: str, *, downloader: Downloader = hub_downloader, progress: bool = True,
                 offline: bool | None = None) -> Path:
-    """A LoRA file: a local .safetensors, or a hub repo `owner/name` (its one .safetensors) or `owner/name/file`."""
+    """A LoRA file: a local .safetensors, or a hub repo `owner/name` (its one .safetensors) or `owner/name/file`.
+    A name that exists on disk, starts like a path (/, ., ~) or is a .safetensors name of fewer than three parts
+    is a local file; `owner/name/file.safetensors` that is not on disk is on the hub."""
     local = Path(name).expanduser()
-    if local.suffix == ".safetensors" or local.exists():
+    parts = name.strip("/").split("/")
+    if local.exists() or name.startswith(("/", ".", "~")) or (local.suffix == ".safetensors" and len(parts) < 3):
         if not local.is_file():
             raise MissingWeightsError(f"LoRA {name}: no such file. Give a .safetensors file or a hub id owner/name.")
         return local
-    parts = name.strip("/").split("/")
     if len(parts) < 2:
         raise MissingWeightsError(f"LoRA {name!r} is neither a .safetensors file nor a hub id owner/name.")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -15,14 +16,14 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from instantid_colab import app, cli, memory, pipeline, schedulers, settings, styles
+from instantid_colab import app, cli, memory, pipeline, schedulers, settings, smoke, speed, styles
 from instantid_colab.smoke import SMOKE_LABEL
 from tests.pictures import png_header_only
 
 
 def _session(smoke: bool = True):
     """What build_app reads from a session: the smoke flag and the memory plan."""
-    return SimpleNamespace(smoke=smoke, plan=None, lcm_loaded=False)
+    return SimpleNamespace(smoke=smoke, plan=None)
 
 
 def _components(blocks: gr.Blocks, kind: type) -> list:
@@ -117,11 +118,18 @@ def _handler_args(**changes):
     args = dict(
         face_path=None, extra_face_files=None, combine="average", pose_path=None, prompt="", negative_prompt="",
         style=styles.DEFAULT_STYLE, identitynet_strength=0.8, adapter_strength=0.8, steps=30, guidance_scale=5.0,
-        scheduler="Euler", seed=42, randomize_seed=False, enhance_non_face=True, negative_noise=0.0, lcm=False,
+        scheduler=app.SPEED_SCHEDULER, seed=42, randomize_seed=False, enhance_non_face=True, negative_noise=0.0,
+        speed_mode="quality",
         size=app.AUTO_SIZE, num_images=1,
     )  # fmt: skip
     args.update(changes)
     return args
+
+
+def run(handler, **changes) -> tuple:
+    """The page's outputs once the handler (a generator: previews, then the results) is done, less the preview."""
+    *_, last = handler(**_handler_args(**changes))
+    return last[:6]
 
 
 def test_generate_handler_turns_bad_inputs_into_page_errors_before_the_core_runs(tmp_path):
@@ -129,9 +137,9 @@ def test_generate_handler_turns_bad_inputs_into_page_errors_before_the_core_runs
     note = tmp_path / "face.jpg"
     note.write_text("a text file renamed to .jpg")
     with pytest.raises(gr.Error, match="upload a face photo first"):
-        handler(**_handler_args())
+        run(handler)
     with pytest.raises(gr.Error, match="face photo: face.jpg is not a picture"):
-        handler(**_handler_args(face_path=str(note)))
+        run(handler, face_path=str(note))
 
 
 def test_page_lists_styles_and_schedulers_from_the_core_and_sizes_from_the_presets():
@@ -139,9 +147,11 @@ def test_page_lists_styles_and_schedulers_from_the_core_and_sizes_from_the_prese
     dropdowns = {dropdown.label: dropdown for dropdown in _components(blocks, gr.Dropdown)}
     assert _choices(dropdowns["Style"]) == list(styles.STYLES)
     assert len(styles.STYLES) == 9
-    assert _choices(dropdowns["Scheduler"]) == [name for name in schedulers.SCHEDULERS if name != "LCM"]
+    assert _choices(dropdowns["Scheduler"]) == [app.SPEED_SCHEDULER, *(
+        name for name in schedulers.SCHEDULERS if name not in ("LCM", "TCD"))]
     assert "DPM++ 2M Karras" in _choices(dropdowns["Scheduler"])
-    assert dropdowns["Scheduler"].value == "Euler"
+    assert dropdowns["Scheduler"].value == app.SPEED_SCHEDULER
+    assert _choices(dropdowns["Speed"]) == list(speed.SPEEDS) and dropdowns["Speed"].value == "quality"
     assert _choices(dropdowns["Combine several faces"]) == list(settings.COMBINE_MODES)
     assert _choices(dropdowns["Output size"]) == list(app.SIZE_CHOICES)
     assert [timer.value for timer in _components(blocks, gr.Timer)] == [app.MEMORY_REFRESH_S]
@@ -159,11 +169,21 @@ def test_smoke_banner_shows_only_for_smoke_weights():
     assert banners(app.build_app(_session(smoke=False))) == []
 
 
-def test_fast_mode_switches_steps_and_guidance_to_lcm_defaults_and_back():
-    steps, guidance = app._lcm_switch(True)
+def test_a_speed_mode_moves_steps_and_guidance_to_its_card_values():
+    steps, guidance = app._speed_switch("lcm")
     assert (steps["value"], guidance["value"]) == (5, 1.5)
-    steps, guidance = app._lcm_switch(False)
+    steps, guidance = app._speed_switch("lightning-4")
+    assert (steps["value"], guidance["value"]) == (4, 0.0)
+    steps, guidance = app._speed_switch("quality")
     assert (steps["value"], guidance["value"]) == (30, 5.0)
+
+
+def test_live_previews_reach_the_page_while_the_image_forms(smoke_session, face_file):
+    outputs = list(app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=10, size="64x64",
+                                                                         live_preview=True)))
+    previews = [output[6] for output in outputs[:-1]]
+    assert [image.size for image in previews] == [(64, 64)] * (10 // speed.PREVIEW_EVERY)  # after steps 5 and 10
+    assert len(outputs[-1][0]) == 1 and len(outputs[-1]) == 7  # then the image
 
 
 def test_gallery_download_keeps_the_png_text_the_core_writes(tmp_path):
@@ -253,12 +273,11 @@ def face_file(tmp_path_factory):
 
 def test_generate_handler_passes_every_control_to_the_core_and_shows_what_it_used(smoke_session, face_file):
     handler = app._generate_handler(smoke_session)
-    gallery, seed, settings, kps, notices, maps = handler(**_handler_args(
-        face_path=face_file, extra_face_files=[face_file], combine="norm_average", pose_path=face_file,
+    gallery, seed, settings, kps, notices, maps = run(
+        handler, face_path=face_file, extra_face_files=[face_file], combine="norm_average", pose_path=face_file,
         negative_prompt="blurry", style="Watercolor", identitynet_strength=0.6, adapter_strength=0.7, steps=2,
-        guidance_scale=1.5, scheduler="DPM++ 2M Karras", seed=7, enhance_non_face=False, negative_noise=0.35,
-        lcm=True, size="128x192",
-    ))  # fmt: skip
+        guidance_scale=1.5, seed=7, enhance_non_face=False, negative_noise=0.35, speed_mode="lcm", size="128x192",
+    )  # fmt: skip
     assert seed == 7
     no_face = "likeness n/a (no face found in the generated image)"  # smoke images are noise
     assert [(image.size, caption) for image, caption in gallery] == [((128, 192), f"{SMOKE_LABEL} · #1 · {no_face}")]
@@ -281,21 +300,45 @@ def test_people_section_makes_one_picture_with_a_likeness_caption_per_person(smo
     other = tmp_path / "other.png"
     smoke.sample_face_image(face_color=(120, 200, 240)).save(other)
     handler = app._generate_handler(smoke_session)
-    gallery, _, settings, kps, _, _ = handler(**_handler_args(person_1=face_file, person_2=str(other), steps=1,
-                                                              size="128x128"))
+    gallery, _, settings, kps, _, _ = run(handler, person_1=face_file, person_2=str(other), steps=1, size="128x128")
     (image, caption), = gallery
     assert image.size == (128, 128) and kps.size == (128, 128)
     assert re.fullmatch(rf"{SMOKE_LABEL} · #1 · person 1: likeness .+ · person 2: likeness .+", caption), caption
     assert "| reference_faces | 2 |" in settings.splitlines()
     with pytest.raises(gr.Error, match="People: give photos of 2 to 4 people"):
-        handler(**_handler_args(person_1=face_file, steps=1))
+        run(handler, person_1=face_file, steps=1)
     with pytest.raises(gr.Error, match="order '3,1' must list the people 1 to 2 once each"):
-        handler(**_handler_args(person_1=face_file, person_2=str(other), order="3,1", steps=1))
+        run(handler, person_1=face_file, person_2=str(other), order="3,1", steps=1)
+
+
+def test_refine_face_box_runs_the_refine_pass_on_every_image(smoke_session, face_file):
+    handler = app._generate_handler(smoke_session)
+    gallery, *_ = run(handler, face_path=face_file, steps=2, size="128x128", refine_on=True, refine_strength=0.5)
+    (image, _), = gallery
+    refined = json.loads(image.info["instantid"])["refine_face"]
+    assert refined["strength"] == 0.5 and refined["faces"] in (0, 1)
+
+
+def test_face_swap_tab_returns_the_photo_with_its_swapped_face(smoke_session, tmp_path):
+    from tests.pictures import COOL, picture
+
+    target = tmp_path / "group.png"
+    picture((1200, 800), [(600, 280, 240, COOL)]).save(target)
+    face = tmp_path / "face.png"
+    smoke.sample_face_image().save(face)
+    handler = app._swap_handler(smoke_session)
+    image, caption = handler(str(target), str(face), 0, 0.6, "", 3)
+    assert image.size == (1200, 800) and json.loads(image.info["instantid"])["swap"]["strength"] == 0.6
+    assert caption.startswith(f"{SMOKE_LABEL} · face at [") and "seed 3" in caption
+    with pytest.raises(gr.Error, match="Face swap: give the photo to change and a photo of the person"):
+        handler(str(target), None, 0, 0.6, "", 3)
+    with pytest.raises(gr.Error, match="The target photo has 1 face; --which 2"):
+        handler(str(target), str(face), 2, 0.6, "", 3)
 
 
 def test_generate_handler_randomizes_the_seed_and_reports_the_one_used(smoke_session, face_file):
     handler = app._generate_handler(smoke_session)
-    _, seed, settings, _, _, _ = handler(**_handler_args(face_path=face_file, steps=1, size="64x64", randomize_seed=True))
+    _, seed, settings, _, _, _ = run(handler, face_path=face_file, steps=1, size="64x64", randomize_seed=True)
     assert 0 <= seed <= app.MAX_SEED
     assert f"| seed | {seed} |" in settings.splitlines()
 
@@ -304,7 +347,7 @@ def test_generate_handler_shows_the_no_face_advice_as_a_page_error(smoke_session
     grey = tmp_path / "grey.png"
     Image.new("RGB", (256, 256), (128, 128, 128)).save(grey)
     with pytest.raises(gr.Error, match="No face found.*clear, well-lit photo"):
-        app._generate_handler(smoke_session)(**_handler_args(face_path=str(grey), steps=1, size="64x64"))
+        run(app._generate_handler(smoke_session), face_path=str(grey), steps=1, size="64x64")
 
 
 class _PressedDuringRun(threading.Event):
@@ -316,11 +359,10 @@ class _PressedDuringRun(threading.Event):
 
 
 def test_stop_ends_the_run_with_a_message_and_the_app_stays_usable(smoke_session, face_file):
-    outputs = app._generate_handler(smoke_session, _PressedDuringRun())(**_handler_args(face_path=face_file, steps=3,
-                                                                                       size="64x64"))
+    outputs = run(app._generate_handler(smoke_session, _PressedDuringRun()), face_path=face_file, steps=3, size="64x64")
     assert outputs[4] == "Stopped (stopped after step 1 of 3); nothing was made. Press Generate to start again."
-    gallery, *_ = app._generate_handler(smoke_session, threading.Event())(**_handler_args(face_path=face_file, steps=1,
-                                                                                          size="64x64"))
+    gallery, *_ = run(app._generate_handler(smoke_session, threading.Event()), face_path=face_file, steps=1,
+                      size="64x64")
     assert gallery[0][0].size == (64, 64)
 
 
@@ -332,16 +374,16 @@ def test_stop_ends_the_run_with_a_message_and_the_app_stays_usable(smoke_session
 ])
 def test_page_refuses_values_outside_the_shared_ranges(smoke_session, face_file, changes, message):
     with pytest.raises(gr.Error, match=re.escape(message)):
-        app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, **changes))
+        run(app._generate_handler(smoke_session), face_path=face_file, **changes)
 
 
 def test_a_bug_in_the_core_becomes_a_page_message_and_the_next_click_works(smoke_session, face_file, monkeypatch):
     original = pipeline.generate
     monkeypatch.setattr(pipeline, "generate", lambda *a, **k: 1 / 0)
     with pytest.raises(gr.Error, match=r"Internal error \(ZeroDivisionError: division by zero\)\. The app is still usable"):
-        app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=1, size="64x64"))
+        run(app._generate_handler(smoke_session), face_path=face_file, steps=1, size="64x64")
     monkeypatch.setattr(pipeline, "generate", original)
-    gallery, *_ = app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=1, size="64x64"))
+    gallery, *_ = run(app._generate_handler(smoke_session), face_path=face_file, steps=1, size="64x64")
     assert gallery[0][0].size == (64, 64)
 
 
@@ -352,7 +394,7 @@ def test_page_controls_loras_and_start_photo_reach_the_core(smoke_session, face_
                    init_strength=0.7, pose_on=True, pose_strength=0.5, pose_start=0.0, pose_end=0.5,
                    canny_on=True, canny_image=str(edges), canny_is_map=True, canny_strength=0.3, canny_start=0.2,
                    canny_end=1.0, depth_on=False, depth_strength=0.4, depth_start=0.0, depth_end=1.0)
-    gallery, _, settings_text, _, notices, maps = app._generate_handler(smoke_session)(**_handler_args(**changes))
+    gallery, _, settings_text, _, notices, maps = run(app._generate_handler(smoke_session), **changes)
     assert [caption for _, caption in maps] == [
         "pose (photo) → thibaud/controlnet-openpose-sdxl-1.0", "canny (map) → diffusers/controlnet-canny-sdxl-1.0"]
     assert np.asarray(maps[1][0])[10, 10].tolist() == [0, 255, 0]  # the map as given, resized to 64x64

@@ -213,3 +213,19 @@ def test_people_section_makes_one_picture_of_two_people(page, photos, tmp_path):
     expect(settings).to_contain_text("seed 55", timeout=TIMEOUT_MS)
     expect(settings).to_contain_text("'face_box'")
     expect(page.locator("#gallery")).to_contain_text(re.compile(r"person 1: likeness .* person 2: likeness"))
+
+
+def test_live_preview_shows_the_image_forming(page, photos):
+    face, _ = photos
+    expect = playwright.expect
+    for number in (1, 2):  # back to one face
+        remove = page.locator(f"#person-{number} button[aria-label='Remove Image']")
+        if remove.count():
+            remove.click()
+    _upload_face(page, face)
+    _set_slider(page, "steps", 10)
+    _set_seed(page, 66)
+    page.locator("#live-preview input[type=checkbox]").check()
+    page.locator("#generate").click()
+    expect(page.locator("#preview img")).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#settings")).to_contain_text("seed 66", timeout=TIMEOUT_MS)

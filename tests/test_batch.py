@@ -212,3 +212,20 @@ def test_a_manifest_that_is_not_text_is_refused_naming_what_to_save(folder):
     with pytest.raises(batch.ManifestError, match=r"sheet\.csv is not text in UTF-8, UTF-16 or Windows-1252: save it "
                                                   r"as \"CSV UTF-8\""):
         batch.read_manifest(path)
+
+
+def test_a_refine_face_column_runs_the_refine_pass(session, folder):
+    rows = batch.prepare_rows(write(folder, "refine.csv", "face,seed,steps,refine_face\nann.png,1,2,0.5\n"), smoke=True)
+    assert rows[0].values["refine_face"] == 0.5
+    batch.run(session, rows, folder / "out", progress=False)
+    (png,) = (folder / "out").glob("0001-*.png")
+    assert json.loads(Image.open(png).text["instantid"])["refine_face"]["strength"] == 0.5
+    with pytest.raises(batch.ManifestError, match=r"row 1: refine_face 2.0 is out of range: use 0.01 to 1"):
+        batch.prepare_rows(write(folder, "bad.csv", "face,refine_face\nann.png,2\n"), smoke=True)
+
+
+def test_batch_speed_applies_to_rows_without_a_speed_column(folder):
+    manifest = write(folder, "speed.csv", "face,speed,seed\nann.png,,1\nbob.png,tcd,2\n")
+    rows = batch.prepare_rows(manifest, smoke=True, speed="lightning-4")
+    assert [(row.values["speed"], row.values["steps"]) for row in rows] == [("lightning-4", 4), ("tcd", 4)]
+    assert rows[0].values["scheduler"] == "Euler trailing" and rows[1].values["scheduler"] == "TCD"

@@ -78,13 +78,16 @@ def test_several_loras_with_lcm_and_scale_changes_reload_nothing(session, face, 
                         lambda *a, **k: loads.append(k["adapter_name"]) or original(*a, **k))
     pipeline.generate(session, face, loras=[Lora("smoke", 0.7), Lora(str(files["other"]), 0.4)], lcm=True, **SIZE)
     other = loras.adapter_name(files["other"])
+    (lcm,) = [name for name in session.loras.active if name.startswith(loras.SPEED_PREFIX)]
     assert sorted(session.loras.active.values()) == [0.4, 0.7, 1.0]
-    assert session.loras.active[other] == 0.4 and session.loras.active["lcm"] == 1.0
+    assert session.loras.active[other] == 0.4 and session.loras.active[lcm] == 1.0
     pipeline.generate(session, face, loras=[Lora("smoke", 1.2), Lora(str(files["other"]), -0.5)], **SIZE)
-    assert sorted(session.loras.active.values()) == [-0.5, 1.2] and "lcm" not in session.loras.active
+    assert sorted(session.loras.active.values()) == [-0.5, 1.2] and lcm not in session.loras.active
     assert len(loads) == 3  # smoke, other, lcm: each loaded once
     pipeline.generate(session, face, loras=[Lora(str(files["other"]), 1.0)], **SIZE)
-    assert set(session.pipe.get_list_adapters()["unet"]) == {other, "lcm"}  # smoke deleted, LCM kept for later
+    assert set(session.pipe.get_list_adapters()["unet"]) == {other, lcm}  # smoke deleted, LCM kept for later
+    pipeline.generate(session, face, speed="lightning-4", **SIZE)  # another preset's LoRA replaces it
+    assert lcm not in session.pipe.get_list_adapters()["unet"] and len(loads) == 4
 
 
 @pytest.mark.parametrize(("which", "message"), [

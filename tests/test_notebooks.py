@@ -136,6 +136,14 @@ def test_style_dropdown_lists_exactly_the_package_styles() -> None:
     assert ast.literal_eval(line.split("=", 1)[1].split("#", 1)[0].strip()) in STYLES
 
 
+def test_speed_dropdown_lists_exactly_the_speed_presets() -> None:
+    from instantid_colab.speed import SPEEDS
+
+    form = next(cell.source for cell in code_cells(load("03_generate")) if cell.source.lstrip().startswith("#@title Settings"))
+    line = next(line for line in form.splitlines() if line.startswith("SPEED ="))
+    assert ast.literal_eval(line.split("#@param", 1)[1].strip()) == list(SPEEDS)
+
+
 def test_size_dropdown_offers_the_pipeline_presets() -> None:
     from instantid_colab.settings import SIZE_PRESETS
     from instantid_colab.smoke import SMOKE_SIZE
@@ -346,8 +354,10 @@ def test_02_load_models_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.Mo
 def test_03_generate_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nb = execute("03_generate", workdir, monkeypatch)
     output = texts(nb)
-    generated, keypoints, sheet = images(nb)
+    generated, keypoints, swapped, sheet = images(nb)
     assert generated.size == keypoints.size == (128, 128)
+    assert swapped.size == (640, 640)  # the face swap cell: the smoke photo keeps its size
+    assert re.search(r"face at \[\d+, \d+, \d+, \d+\], strength 0.7: likeness .*; saved outputs/swap.png", output)
     assert keypoints.getextrema() != ((0, 0), (0, 0), (0, 0))  # the five keypoints are drawn
     assert output.count(SMOKE_LABEL) >= 2  # the weights line and the images' caption
     assert "seed 42" in output

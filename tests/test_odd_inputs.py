@@ -340,6 +340,22 @@ CASES = {
         lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person", str(f / "a.png"), "--pose",
                    str(f / "a.png"), "--out", out(f)], 1,
         r"The layout photo has 1 face but 2 people were given: use a photo with exactly 2 faces, or none"),
+    # --- issue 19: refine and swap ----------------------------------------------------------------------
+    "refine strength 3": Case(lambda f: [*QUICK, "--refine-face", "3", "--out", out(f)], 2,
+                              r"refine_strength 3.0 is out of range: use 0.01 to 1"),
+    "swap into a photo without a face": Case(lambda f: ["swap", "--smoke", "--photo", str(_grey(f / "g.png")), "--face",
+                                                        str(face_png(f / "a.png")), "--out", out(f)], 1,
+                                             r"No face found in the target photo: swap needs a photo with a clearly "
+                                             r"visible face"),
+    "swap --which 0": Case(lambda f: ["swap", "--smoke", "--photo", str(face_png(f / "a.png")), "--face",
+                                      str(f / "a.png"), "--which", "0", "--out", out(f)], 2,
+                           r"which 0 is out of range: use 1 to 64"),
+    "swap strength 0": Case(lambda f: ["swap", "--smoke", "--photo", str(face_png(f / "a.png")), "--face",
+                                       str(f / "a.png"), "--strength", "0", "--out", out(f)], 2,
+                            r"strength 0.0 is out of range: use 0.01 to 1"),
+    "swap target missing": Case(lambda f: ["swap", "--smoke", "--photo", str(f / "nope.jpg"), "--face",
+                                           str(face_png(f / "a.png")), "--out", out(f)], 1,
+                                r"target photo: .*nope\.jpg does not exist"),
     "pose bench with batch 0": Case(lambda f: ["bench", "--smoke", "--batch", "0", "--out", str(f / "b")], 2,
                                     r"batch 0 is out of range: use 1 to 4096", main=pose_cli.main),
 }
@@ -393,7 +409,7 @@ def test_odd_input(name, tmp_path, capsys, monkeypatch):
 
 
 def test_corpus_size():
-    assert len(CASES) >= 64  # the first issue's 17 + 30 of our own, + issue 17's 10 + 5 before it, + 7 people
+    assert len(CASES) >= 69  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap
 
 
 def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):

@@ -10,7 +10,7 @@ from diffusers import ControlNetModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from PIL import Image
 
-from instantid_colab import memory, pipeline, settings, smoke
+from instantid_colab import loras, memory, pipeline, settings, smoke
 from instantid_colab.faces import NoFaceError
 from instantid_colab.identity import FaceRegion
 
@@ -218,7 +218,8 @@ def test_lcm_toggle_switches_scheduler_and_loads_the_lora_once(weights, face, mo
     pipeline.generate(session, face, seed=10, lcm=True, guidance_scale=1.5, **SIZE)
     assert type(session.pipe.scheduler).__name__ == "LCMScheduler"
     pipeline.generate(session, face, seed=10, lcm=True, guidance_scale=1.5, **SIZE)
-    assert loads == ["lcm"] and "lcm" in session.pipe.get_list_adapters()["unet"]
+    assert len(loads) == 1 and loads[0].startswith(loras.SPEED_PREFIX + "pytorch_lora_weights")
+    assert loads[0] in session.pipe.get_list_adapters()["unet"]
     after = pipeline.generate(session, face, seed=10, **SIZE)
     assert type(session.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert np.array_equal(_pixels(before), _pixels(after))  # LoRA really switched off again

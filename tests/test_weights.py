@@ -217,3 +217,14 @@ def test_reading_names_the_damaged_file_and_lets_other_failures_through(tmp_path
     assert weights.damaged_file(folder / "config.json").startswith("JSONDecodeError")
     (folder / "model.onnx").write_bytes(b"")
     assert weights.damaged_file(folder / "model.onnx") == "it is empty (0 bytes)"
+
+
+def test_a_hub_lora_named_with_its_file_is_fetched_from_the_hub(tmp_path):
+    """`--lora owner/name/file.safetensors` (README) was taken for a missing local file."""
+    hub = _writer()
+    path = weights.ensure_lora(_paths(tmp_path), "ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors",
+                               downloader=hub, progress=False)
+    assert path == tmp_path / "loras" / "ByteDance--SDXL-Lightning" / "sdxl_lightning_4step_lora.safetensors"
+    assert hub.calls == ["ByteDance/SDXL-Lightning"] and path.is_file()
+    with pytest.raises(MissingWeightsError, match=r"LoRA styles/mine.safetensors: no such file"):
+        weights.ensure_lora(_paths(tmp_path), "styles/mine.safetensors", downloader=hub)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 2  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 3  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -56,6 +56,30 @@ def write_tiny_lora(folder: Path, sizes, seed: int = 4) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def write_speed_loras(root: Path, sizes) -> None:
+    """A tiny LoRA for each speed preset, named and placed as `weights.ensure_lora` finds the real one."""
+    from instantid_colab.speed import SPEEDS
+
+    for index, preset in enumerate(preset for preset in SPEEDS.values() if preset.lora):
+        repo, file = preset.lora
+        folder = root / "loras" / repo.replace("/", "--")
+        written = write_tiny_lora(folder, sizes, seed=30 + index)
+        if written.name != file:
+            written.replace(folder / file)
+
+
+def write_tiny_taesd(root: Path) -> None:
+    """A tiny AutoencoderTiny (TAESDXL's architecture, 8 channels a block) where `weights.ensure_taesd` looks."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    from instantid_colab.speed import TAESD_REPO
+
+    torch.manual_seed(5)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8))
+    tiny.save_pretrained(root / "previews" / TAESD_REPO.replace("/", "--"))
+
+
 def write_smoke_controls(root: Path, unet) -> None:
     """Tiny pose/canny/depth ControlNets and annotators where `weights.ensure_controlnet/ensure_annotator` look."""
     from instantid_colab.controls import ANNOTATOR_REPOS, CONTROL_MODELS
@@ -80,7 +104,6 @@ def build_smoke_weights(root: str | Path | None = None):
         face_root=root / "faces",
         vae=None,
         smoke=True,
-        lcm_lora=root / "lora" / "lcm-lora-sdxl" / "pytorch_lora_weights.safetensors",
     )
     marker = root / "smoke-weights.json"
     if marker.is_file() and json.loads(marker.read_text()).get("version") == _VERSION:
@@ -92,8 +115,9 @@ def build_smoke_weights(root: str | Path | None = None):
     unet = write_base(Path(paths.base), TINY)
     write_identitynet(paths.controlnet, unet)
     write_adapter(paths.adapter, unet, tiny_resampler_config())
-    write_tiny_lora(paths.lcm_lora.parent, TINY)
+    write_speed_loras(root, TINY)
     write_tiny_lora(root / "loras" / "smoke", TINY, seed=7)
+    write_tiny_taesd(root)
     write_smoke_controls(root, unet)
     face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
     assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
