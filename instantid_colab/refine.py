@@ -5,9 +5,9 @@ Both are the same mechanism, assembled from diffusers' pieces: the face box, gro
 repaint, feathered with `VaeImageProcessor.blur`; `get_crop_region` finds a square around it with margin; the
 crop, resized to 1024 ("fill", as diffusers' `padding_mask_crop` does), goes through InstantID with diffusers'
 SDXL ControlNet inpaint pipeline (`pipeline.generate` with `init_image`, `init_mask`, and the crop as the pose
-image, so the IdentityNet sees the crop's own keypoints); `apply_overlay` pastes the result back through the
-feathered region. Outside the feathered region every pixel is the input's. Only the crop goes through the
-model, so a photo of any size costs what a 1024x1024 image costs. What is ours: which face, the margins, and
+image, so the IdentityNet sees the crop's own keypoints); the result goes back in its place and `apply_overlay`
+blends it through the feathered region. Outside the feathered region every pixel is the input's. Only the crop
+goes through the model, so a photo of any size costs what a 1024x1024 image costs. What is ours: which face, the margins, and
 when a face is left alone (one that already fills most of the picture gains nothing from a crop).
 """
 
@@ -72,7 +72,12 @@ def repaint_face(session, image: Image.Image, box: Sequence[float], strength: fl
     mask = processor.resize(feathered.crop(crop_box), CROP_SIZE, CROP_SIZE, resize_mode="fill")
     crop = pipeline.generate(session, pose_image=piece, init_image=piece, init_mask=mask, init_strength=strength,
                              width=CROP_SIZE, height=CROP_SIZE, **generation)
-    pasted = processor.apply_overlay(feathered, image, crop.images[0], crop_box)
+    # Placed here rather than by apply_overlay's crop_coords: diffusers < 0.32 sized that result to the crop, not
+    # the photo. Blending through the feathered mask stays diffusers' in every version.
+    x1, y1, x2, y2 = crop_box
+    placed = image.copy()
+    placed.paste(processor.resize(crop.images[0], y2 - y1, x2 - x1, resize_mode="crop"), (x1, y1))
+    pasted = processor.apply_overlay(feathered, image, placed)
     return Repainted(pasted, [int(round(v)) for v in box], tuple(crop_box), crop)
 
 
