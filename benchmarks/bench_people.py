@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,19 +127,11 @@ def main() -> int:
     parser.add_argument("--weights", default="/tmp/bench_weights")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.run:
-        (out / f"people_{args.run}.json").write_text(json.dumps(run_speed(args.run, args), indent=2))
+    from bench_speed import per_speed
+
+    results = per_speed(__file__, args, "people", lambda speed: run_speed(speed, args))
+    if results is None:
         return 0
-
-    from bench_generate import write_weights
-    from bench_speed import each_speed
-
-    started = time.perf_counter()
-    write_weights(Path(args.weights), tiny=False)
-    print(f"weights ready in {time.perf_counter() - started:.0f} s", flush=True)
-    results = each_speed(__file__, args.speeds, out, "people")
     print("| speed | people | s/image | x 1 person | peak VRAM reserved GiB | peak host RssAnon GiB | plan |")
     print("|---|---|---|---|---|---|---|")
     for result in results:
@@ -156,7 +147,7 @@ def main() -> int:
         for row in result["identitynet"]:
             print(f"| {result['speed']} | {row['people']} | {row['separate_ms']:.1f} | {row['batched_ms']:.1f} | "
                   f"{row['batched_over_separate']:.2f} | {row['peak_separate_gib']:.2f} / {row['peak_batched_gib']:.2f} |")
-    (out / "bench_people.json").write_text(json.dumps(results, indent=2))
+    (Path(args.out) / "bench_people.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -87,17 +87,11 @@ def main() -> int:
     parser.add_argument("--weights", default="/tmp/bench_weights")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.run:
-        (out / f"refine_{args.run}.json").write_text(json.dumps(run_speed(args.run, args), indent=2))
+    from bench_speed import per_speed
+
+    results = per_speed(__file__, args, "refine", lambda speed: run_speed(speed, args))
+    if results is None:
         return 0
-
-    from bench_generate import write_weights
-    from bench_speed import each_speed
-
-    write_weights(Path(args.weights), tiny=False)
-    results = each_speed(__file__, args.speeds, out, "refine")
     print("| speed | what | s | × the image | peak VRAM reserved GiB | peak host RssAnon GiB |")
     print("|---|---|---|---|---|---|")
     for result in results:
@@ -107,7 +101,7 @@ def main() -> int:
             peak = result["peaks"][name]
             print(f"| {result['speed']} | {what} | {result['seconds'][name]:.2f} | {result['seconds'][name] / image:.2f} | "
                   f"{peak['vram_reserved_gib']:.2f} | {peak['rss_anon_gib']:.2f} |")
-    (out / "bench_refine.json").write_text(json.dumps(results, indent=2))
+    (Path(args.out) / "bench_refine.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

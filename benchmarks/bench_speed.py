@@ -63,6 +63,25 @@ def each_speed(script: str, speeds: str, out: Path, prefix: str) -> list[dict]:
     return results
 
 
+def per_speed(script: str, args, prefix: str, measure, prepare=None) -> list[dict] | None:
+    """The driver of a side-by-side benchmark. With `--run SPEED` this process measures one speed (`measure(SPEED)`)
+    and writes OUT/PREFIX_SPEED.json, returning None; without, it writes the random full-size weights (and what
+    `prepare(root)` adds), runs every speed in a process of its own and returns their results."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        (out / f"{prefix}_{args.run}.json").write_text(json.dumps(measure(args.run), indent=2))
+        return None
+    from bench_generate import write_weights
+
+    started = time.perf_counter()
+    write_weights(Path(args.weights), tiny=False)
+    if prepare is not None:
+        prepare(Path(args.weights))
+    print(f"weights ready in {time.perf_counter() - started:.0f} s", flush=True)
+    return each_speed(script, args.speeds, out, prefix)
+
+
 def _gpu_busy_seconds(function) -> float:
     """Kernel + copy time on the GPU while `function` runs once (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile

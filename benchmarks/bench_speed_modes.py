@@ -142,20 +142,12 @@ def main() -> int:
     parser.add_argument("--weights", default="/tmp/bench_weights")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     ARGS = parser.parse_args()
-    out = Path(ARGS.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from bench_speed import per_speed
+
     kind = "compile" if ARGS.compile else "modes"
-    if ARGS.run:
-        result = run_compile(ARGS.run) if ARGS.compile else run_modes(ARGS.run)
-        (out / f"{kind}_{ARGS.run}.json").write_text(json.dumps(result, indent=2))
+    results = per_speed(__file__, ARGS, kind, run_compile if ARGS.compile else run_modes, prepare=write_speed_files)
+    if results is None:
         return 0
-
-    from bench_generate import write_weights
-    from bench_speed import each_speed
-
-    write_weights(Path(ARGS.weights), tiny=False)
-    write_speed_files(Path(ARGS.weights))
-    results = each_speed(__file__, ARGS.speeds, out, kind)
     if ARGS.compile:
         print("| speed | images | eager total s | compiled total s (compile included) | compiled s/image after the first |"
               " eager s/image |")
@@ -171,7 +163,7 @@ def main() -> int:
             for row in r["rows"]:
                 print(f"| {r['speed']} | {row['scenario']} | {row['steps']} | {row['guidance_scale']} | {row['scheduler']} | "
                       f"{row['unconditional_steps']} | {row['seconds_per_image']:.2f} | {row['seconds_per_image'] / base:.2f} |")
-    (out / f"bench_speed_{kind}.json").write_text(json.dumps(results, indent=2))
+    (Path(ARGS.out) / f"bench_speed_{kind}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

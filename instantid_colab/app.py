@@ -445,7 +445,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                     with gr.Row():
                         refine_on = gr.Checkbox(False, label="Refine face", elem_id="refine-on",
                                                 info="after the image, make each face again at full resolution "
-                                                     "through a 1024 crop (about 0.4 of the image's time)")
+                                                     "through a 1024 crop (at strength 0.4 about half the image's time)")
                         refine_strength = gr.Slider(*_range("refine_strength"), value=refine.REFINE_STRENGTH, step=0.05,
                                                     label="Refine strength", elem_id="refine-strength")
                     with gr.Row():
