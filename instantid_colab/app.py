@@ -190,6 +190,16 @@ def _captions(result: pipeline.GenerationResult, index: int) -> str:
     return caption + result.likeness[index].render()
 
 
+USER_ERRORS = (ValueError, MissingWeightsError, DamagedWeightsError, MemoryError)  # inputs, weights, memory: shown as they are
+
+
+def _internal_error(error: Exception, what: str) -> gr.Error:
+    """Our bug: said on the page, the traceback logged, the app still usable."""
+    logger.exception(f"{what} failed")
+    return gr.Error(f"Internal error ({type(error).__name__}: {error}). The app is still usable; the "
+                    "traceback is in the notebook/console output: please report it.")
+
+
 def _generate_handler(session: pipeline.InstantIDSession, stop_requested: threading.Event | None = None) -> Callable:
     """The click handler: validate, call `pipeline.generate`, turn its result into page outputs.
 
@@ -261,12 +271,10 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
             message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
             yield gr.update(), gr.update(), gr.update(), gr.update(), message, gr.update(), gr.update()
             return
-        except (ValueError, MissingWeightsError, DamagedWeightsError, MemoryError) as error:  # inputs, memory
+        except USER_ERRORS as error:
             raise gr.Error(str(error)) from error
-        except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
-            logger.exception("generation failed")
-            raise gr.Error(f"Internal error ({type(error).__name__}: {error}). The app is still usable; the "
-                           "traceback is in the notebook/console output: please report it.") from error
+        except Exception as error:
+            raise _internal_error(error, "generation") from error
         for notice in result.notices:
             gr.Warning(notice)
         gallery = [(result.images[index], _captions(result, index)) for index in result.best_first()]
@@ -291,12 +299,10 @@ def _swap_handler(session: pipeline.InstantIDSession) -> Callable:
             progress(0, desc="swapping the face")
             result = refine.swap(session, target, face, which=int(which) or None, strength=strength, prompt=prompt or "",
                                  seed=int(seed))
-        except (ValueError, MissingWeightsError, DamagedWeightsError, MemoryError) as error:
+        except USER_ERRORS as error:
             raise gr.Error(str(error)) from error
-        except Exception as error:  # our bug: say so on the page, keep the app usable, log the traceback
-            logger.exception("face swap failed")
-            raise gr.Error(f"Internal error ({type(error).__name__}: {error}). The app is still usable; the "
-                           "traceback is in the notebook/console output: please report it.") from error
+        except Exception as error:
+            raise _internal_error(error, "face swap") from error
         caption = (f"{result.label + ' · ' if result.label else ''}face at {result.face_box} · strength "
                    f"{result.strength} · seed {result.seed} · {result.likeness.render()}")
         return result.image, caption

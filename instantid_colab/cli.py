@@ -149,11 +149,9 @@ def _generate(args: argparse.Namespace) -> int:
     """Check everything a person typed (settings, pictures, destination) before loading any model."""
     import random
 
-    from instantid_colab import loras, memory, outputs, pipeline, settings
+    from instantid_colab import loras, memory, outputs, pipeline, settings, speed
     from instantid_colab.faces import Likeness
     from instantid_colab.images import open_image
-
-    from instantid_colab import speed
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     values = settings.check(speed.with_preset({**_generation_values(args), "seed": seed}))
@@ -401,6 +399,7 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from instantid_colab.settings import LIMITS
+    from instantid_colab.speed import SPEEDS
 
     parser = argparse.ArgumentParser(prog="python -m instantid_colab", description=__doc__,
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -459,8 +458,6 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(README); missing columns take the defaults")
     batch.add_argument("--out", default="outputs/batch", help="folder for the PNGs, results.jsonl, contact_sheet.png")
     batch.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
-    from instantid_colab.speed import SPEEDS
-
     batch.add_argument("--speed", choices=list(SPEEDS), metavar="NAME",
                        help="the speed mode of rows without a speed column: " + ", ".join(SPEEDS))
     batch.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")

@@ -78,18 +78,16 @@ class IdentityNet(ControlNetModel):
 
     _face_tokens: torch.Tensor | None = None
     _region: FaceRegion | None = None
-    _people: int = 1
 
     @contextlib.contextmanager
-    def conditioned(self, face_tokens: torch.Tensor, region: FaceRegion | None = None,
-                    people: int = 1) -> Iterator[IdentityNet]:
+    def conditioned(self, face_tokens: torch.Tensor, region: FaceRegion | None = None) -> Iterator[IdentityNet]:
         """face_tokens: [2B or B, people x num_tokens, cross_dim] (negative first under CFG; person 0's tokens
         first). `region`: one mask per person, or None (one person, no gate)."""
-        self._face_tokens, self._region, self._people = face_tokens, region, people
+        self._face_tokens, self._region = face_tokens, region
         try:
             yield self
         finally:
-            self._face_tokens, self._region, self._people = None, None, 1
+            self._face_tokens, self._region = None, None
 
     def person(self, index: int) -> PersonNet:
         return PersonNet(self, index)
@@ -101,8 +99,9 @@ class IdentityNet(ControlNetModel):
         tokens = self._face_tokens
         if tokens.shape[0] != sample.shape[0]:  # no CFG this call: only the positive half is used
             tokens = tokens[-sample.shape[0]:]
-        if self._people > 1:
-            count = tokens.shape[1] // self._people
+        people = 1 if self._region is None else self._region.people
+        if people > 1:  # each person's tokens, in person order (as the IP attention splits them)
+            count = tokens.shape[1] // people
             tokens = tokens[:, person * count:(person + 1) * count]
         down, mid = super().forward(sample, timestep, tokens.to(sample.device, parameter_dtype(self)), controlnet_cond,
                                     conditioning_scale, *args, return_dict=False, **kwargs)

@@ -81,10 +81,18 @@ def parse_order(text: str | None, count: int) -> list[int] | None:
     if text is None or not str(text).strip():
         return None
     parts = [part.strip() for part in str(text).split(",")]
-    if not all(part.isdigit() for part in parts) or sorted(int(part) for part in parts) != list(range(1, count + 1)):
-        raise SettingsError([f"order {text!r} must list the people 1 to {count} once each, e.g. "
-                             f"{','.join(map(str, range(count, 0, -1)))}"])
-    return [int(part) for part in parts]
+    order = [int(part) for part in parts] if all(part.isdigit() for part in parts) else None
+    problem = _order_problem(order, count, repr(text))
+    if problem:
+        raise SettingsError([problem])
+    return order
+
+
+def _order_problem(order: list[int] | None, count: int, shown: str) -> str | None:
+    """Why `order` (None: not numbers) is not the people 1 to `count` once each, or None when it is."""
+    if order is not None and sorted(order) == list(range(1, count + 1)):
+        return None
+    return f"order {shown} must list the people 1 to {count} once each, e.g. {','.join(map(str, range(count, 0, -1)))}"
 
 
 def from_text(persons: list[str], masks: list[str] | None = None, order: str | None = None,
@@ -109,8 +117,8 @@ def check_people(people, order: list[int] | None = None) -> list[Person]:
     _, problem = number("people", len(people), LIMITS["people"])
     problems = [problem] if problem else []
     problems += [f"person {index} has no photo" for index, person in enumerate(people, 1) if not person.photos]
-    if order is not None and sorted(order) != list(range(1, len(people) + 1)):
-        problems.append(f"order {order} must list the people 1 to {len(people)} once each")
+    if order is not None and (wrong_order := _order_problem(order, len(people), str(order))):
+        problems.append(wrong_order)
     if problems:
         raise SettingsError(problems)
     return people
@@ -188,16 +196,25 @@ def cast(analyzer: faces.FaceAnalyzer, people: list[Person], combine: str, size:
     return Cast(embeddings, boxes, kps, regions(boxes, size, masks), size)
 
 
-def likeness(analyzer: faces.FaceAnalyzer, cast: Cast, image: Image.Image) -> list[faces.Likeness]:
-    """Per person: the largest face found in the picture whose centre lies in that person's region, scored
-    against that person's identity (None, and why, when their region shows no face)."""
-    found = analyzer.detect_all(image)
-    scores = []
-    for embedding, mask in zip(cast.embeddings, cast.masks):
+def faces_in_regions(found: list[faces.Face], cast: Cast) -> list[faces.Face | None]:
+    """Per person: the largest of `found` whose centre lies in that person's region, or None."""
+    chosen = []
+    for mask in cast.masks:
         inside = [face for face in found if _centre_in(face, mask)]
-        scores.append(faces.likeness_of(embedding, max(inside, key=lambda face: face.area)) if inside
-                      else faces.Likeness(None, NO_FACE_IN_REGION))
-    return scores
+        chosen.append(max(inside, key=lambda face: face.area) if inside else None)
+    return chosen
+
+
+def likeness(analyzer: faces.FaceAnalyzer, cast: Cast, image: Image.Image) -> list[faces.Likeness]:
+    """Per person: the face in their region (`faces_in_regions`) scored against that person's identity
+    (None, and why, when their region shows no face)."""
+    return [faces.Likeness(None, NO_FACE_IN_REGION) if face is None else faces.likeness_of(embedding, face)
+            for embedding, face in zip(cast.embeddings, faces_in_regions(analyzer.detect_all(image), cast))]
+
+
+def least_alike(scores: list[faces.Likeness]) -> faces.Likeness:
+    """A picture's likeness with several people: its weakest person's (one whose face was not found first)."""
+    return min(scores, key=lambda score: (score.similarity is not None, score.similarity or 0.0))
 
 
 def _centre_in(face: faces.Face, mask: np.ndarray) -> bool:

@@ -41,7 +41,7 @@ from instantid_colab.controlnets import Annotations, ControlNets, MultiControlNe
 from instantid_colab import speed as speed_module
 from instantid_colab.loras import SMOKE_LORA, Lora, LoraState, check_loras
 from instantid_colab.people import AUTO_SIZE, Cast, Person, cast as cast_people, check_people
-from instantid_colab.people import likeness as people_likeness
+from instantid_colab.people import least_alike, likeness as people_likeness
 from instantid_colab.weights import (
     SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, reading, root_of,
 )
@@ -146,6 +146,16 @@ class GenerationResult:
         if self.refined:
             metadata["refine_face"] = self.refined[index]
         return metadata
+
+    def score(self, analyzer: faces.FaceAnalyzer, index: int) -> None:
+        """The likeness of image `index` to the identity it was made with: with people, each person's in their
+        region and the weakest as the image's; else the largest face's."""
+        image = self.images[index]
+        if "people" in self.settings:
+            self.people_likeness[index] = people_likeness(analyzer, self.cast, image)
+            self.likeness[index] = least_alike(self.people_likeness[index])
+        else:
+            self.likeness[index] = analyzer.likeness(self.cast.embeddings[0], image)
 
     def attach_metadata(self) -> None:
         """Each image carries its metadata as PNG text (`save_png` writes it; the app's gallery keeps `info`)."""
@@ -548,13 +558,10 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         images = _denoise_and_decode(session, notices, **call)
 
     result = GenerationResult(images=images, seed=checked["seed"], settings=settings, kps_image=kps_image, seconds=0.0,
-                              plan=session.plan, notices=notices, label=label, control_maps=maps, cast=cast)
-    if people:
-        result.people_likeness = [people_likeness(session.faces, cast, image) for image in images]
-        result.likeness = [min(scores, key=lambda score: (score.similarity is not None, score.similarity or 0.0))
-                           for scores in result.people_likeness]
-    else:
-        result.likeness = [session.faces.likeness(cast.embeddings[0], image) for image in images]
+                              plan=session.plan, notices=notices, label=label, control_maps=maps, cast=cast,
+                              likeness=[None] * len(images), people_likeness=[None] * len(images) if people else [])
+    for index in range(len(images)):
+        result.score(session.faces, index)
     result.attach_metadata()
     result.seconds = time.perf_counter() - started
     return result
@@ -596,7 +603,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     shown = None if preview is None else (lambda step, latents: preview(step, total, speed_module.preview_image(
         session.taesd(), latents)))
     plan = speed_module.StepPlan(interval, total, do_cfg, shown, preview_every)
-    settings["unconditional_steps"] = plan.unconditional_steps if do_cfg else 0
+    settings["unconditional_steps"] = plan.unconditional_steps
 
     def on_step_end(_pipe, step, _timestep, tensors):
         if callback is not None:
@@ -630,7 +637,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     if chosen.eta is not None:
         arguments["eta"] = chosen.eta
     text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
-    with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region, len(cast.embeddings)), \
+    with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
             face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller), \
             speed_module.conditional_half_only([pipe.unet, controlnet] if interval and do_cfg else [],
                                                lambda: plan.skipping):

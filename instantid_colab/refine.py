@@ -17,14 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from instantid_colab import pipeline
 from instantid_colab.faces import Likeness, NoFaceError, likeness_of
 from instantid_colab.images import ImageLike, open_image
 from instantid_colab.loras import Lora
-from instantid_colab.people import Person, likeness as people_likeness
+from instantid_colab.people import Person, faces_in_regions
 from instantid_colab.settings import check_arguments
 
 CROP_SIZE = 1024  # the crop is made at SDXL's own resolution
@@ -132,27 +131,16 @@ def _faces_by_person(session, cast, image: Image.Image, as_people: bool) -> list
             return [session.faces.detect(image, retries=False)]
         except NoFaceError:
             return [None]
-    found = session.faces.detect_all(image)
-    chosen = []
-    for mask in cast.masks:
-        inside = [face for face in found if mask[int(np.clip((face.bbox[1] + face.bbox[3]) / 2, 0, mask.shape[0] - 1)),
-                                                 int(np.clip((face.bbox[0] + face.bbox[2]) / 2, 0, mask.shape[1] - 1))]]
-        chosen.append(max(inside, key=lambda face: face.area) if inside else None)
-    return chosen
+    return faces_in_regions(session.faces.detect_all(image), cast)
 
 
 def _rescore(session, result, index: int, image: Image.Image) -> None:
     """The refined picture in place of the old one, its likeness after, and the one before in "refine_face"."""
-    refined = result.refined[index]
-    if result.people_likeness:
-        refined["identity_similarity_before"] = [score.similarity for score in result.people_likeness[index]]
-        result.people_likeness[index] = people_likeness(session.faces, result.cast, image)
-        result.likeness[index] = min(result.people_likeness[index],
-                                     key=lambda score: (score.similarity is not None, score.similarity or 0.0))
-    else:
-        refined["identity_similarity_before"] = result.likeness[index].similarity
-        result.likeness[index] = session.faces.likeness(result.cast.embeddings[0], image)
+    result.refined[index]["identity_similarity_before"] = (
+        [score.similarity for score in result.people_likeness[index]] if result.people_likeness
+        else result.likeness[index].similarity)
     result.images[index] = image
+    result.score(session.faces, index)
 
 
 def _likeness_in_box(session, embedding, image: Image.Image, box) -> Likeness:

@@ -182,6 +182,7 @@ class StepPlan:
 
     def __init__(self, interval: tuple[float, float] | None, steps: int, guided: bool,
                  preview: Callable[[int, Any], None] | None = None, preview_every: int = PREVIEW_EVERY):
+        self.guided = guided
         self.inside = guided_steps(interval, steps) if guided else [True] * steps
         self.step = 0
         self.preview, self.preview_every = preview, preview_every
@@ -192,7 +193,8 @@ class StepPlan:
 
     @property
     def unconditional_steps(self) -> int:
-        return sum(self.inside)
+        """Steps that compute the unconditional half: none without CFG."""
+        return sum(self.inside) if self.guided else 0
 
     def after_step(self, step: int, latents) -> None:
         self.step = step + 1
