@@ -30,6 +30,7 @@ from diffusers import ControlNetModel
 
 from instantid_colab import faces, memory, pipeline, smoke
 from instantid_colab.adapter import ResamplerConfig
+from tests.latents import generate_with_latents, relative_difference
 
 TOLERANCE = 1e-3
 NUM_TOKENS = 16
@@ -278,13 +279,8 @@ def setup(tmp_path_factory):
 
 def ours(session, face_images, monkeypatch, **settings):
     """Our public generate(), and the latents it handed to the VAE."""
-    seen = []
-    decode = pipeline.decode
-    monkeypatch.setattr(pipeline, "decode", lambda pipe, latents, notices: seen.append(latents.clone()) or
-                        decode(pipe, latents, notices))
-    result = pipeline.generate(session, face_images[0], "a portrait of a person", extra_face_images=face_images[1:],
-                               **settings)
-    return result, seen[0]
+    return generate_with_latents(session, monkeypatch, face_images[0], "a portrait of a person",
+                                 extra_face_images=face_images[1:], **settings)
 
 
 def official_conditions(session, face_images, settings: dict):
@@ -298,10 +294,6 @@ def official_conditions(session, face_images, settings: dict):
     kps = detected[0].kps * scale
     bbox = (detected[0].bbox.reshape(2, 2) * scale).reshape(-1)
     return embedding, faces.draw_kps((width, height), kps), bbox
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 FACE_COLORS = [(235, 200, 175), (150, 210, 240), (240, 170, 120)]

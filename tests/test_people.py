@@ -14,24 +14,10 @@ from instantid_colab import cli, people, pipeline, smoke
 from instantid_colab.identity import FaceRegion, FaceRegionIPAttnProcessor
 from instantid_colab.people import Person, PeopleError
 from instantid_colab.settings import SettingsError
+from tests.latents import generate_with_latents, relative_difference
 from tests.pictures import COOL, WARM, picture
 
 SIZE = dict(width=128, height=128)
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def generate_with_latents(session, monkeypatch, *args, **kwargs):
-    """pipeline.generate, and the latents it handed to the VAE."""
-    seen = []
-    decode = pipeline.decode
-    monkeypatch.setattr(pipeline, "decode", lambda pipe, latents, notices: seen.append(latents.clone()) or
-                        decode(pipe, latents, notices))
-    result = pipeline.generate(session, *args, **kwargs)
-    monkeypatch.setattr(pipeline, "decode", decode)
-    return result, seen[-1]
 
 
 def person_photo(colour=(235, 200, 175)) -> Image.Image:

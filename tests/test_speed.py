@@ -11,7 +11,7 @@ import torch
 from instantid_colab import cli, pipeline, smoke, speed
 from instantid_colab.identity import IdentityNet
 from instantid_colab.settings import SettingsError
-from tests.test_people import generate_with_latents
+from tests.latents import generate_with_latents
 
 SIZE = dict(width=64, height=64)
 
