@@ -393,6 +393,24 @@ def _speed_switch(name: str) -> tuple[Any, Any]:
     return gr.update(value=preset.steps), gr.update(value=preset.guidance_scale)
 
 
+LIKENESS_HELP = (
+    "The likeness under each image is ArcFace's cosine similarity between your photo and the face in the picture. "
+    "Published thresholds for \"same person\" with ArcFace-family models are about 0.3 to 0.5; strangers score near "
+    "0; stylised pictures score lower than photos of the same likeness.\n\n"
+    "One picture's likeness moves with the seed and the prompt, so two pictures 0.02 apart are a draw. A mean over "
+    "n pictures is uncertain by about 2 x sd / sqrt(n): a standard deviation of 0.08 over 36 pictures gives "
+    "+/-0.027. To compare settings, run the identity benchmark (`python -m instantid_colab bench`, notebook 05): it "
+    "makes the same people, prompts and seeds with each setting, scores them with a second face recogniser and CLIP "
+    "too, and gives each difference a 95 % interval; a difference means something when its interval leaves out 0."
+)
+
+
+def _likeness_help() -> None:
+    """How to read the likeness figures, folded under the results."""
+    with gr.Accordion("How to read the likeness", open=False, elem_id="likeness-help"):
+        gr.Markdown(LIKENESS_HELP)
+
+
 def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
     """The page: inputs on the left, results and the live memory panel on the right."""
     defaults = _core_defaults()
@@ -545,6 +563,7 @@ def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
                     maps = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
                                       elem_id="control-maps")
                     memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
+                    _likeness_help()
 
         with gr.Tab("Face swap", elem_id="swap-tab"):
             _swap_tab(session)

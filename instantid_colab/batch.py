@@ -10,7 +10,6 @@ and when a process dies the others take over its row (its claim names a process 
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import csv
 import fcntl
@@ -19,7 +18,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from instantid_colab import controls, loras, people, settings, speed
 from instantid_colab.images import open_image
+from instantid_colab.textfiles import read_text
 
 RESULTS = "results.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
@@ -66,7 +66,8 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
-    text = _decoded(path)
+    text = read_text(path, "manifest", 'save it as "CSV UTF-8" (Excel: File > Save As > CSV UTF-8) or as JSONL in '
+                     "UTF-8", ManifestError)
     if path.suffix.lower() == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -88,24 +89,6 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         dialect = csv.excel
     return [{key.strip(): value for key, value in row.items() if key is not None and value not in ("", None)}
             for row in csv.DictReader(lines, dialect=dialect)]
-
-
-def _decoded(path: Path) -> str:
-    """The manifest's text in the encodings spreadsheet tools write: UTF-16 with its byte-order mark (Excel's
-    "Unicode Text"), UTF-8 with or without one ("CSV UTF-8"), else Windows-1252 (Excel's plain "CSV" on a
-    Western Windows). Anything else is refused, naming what to save it as."""
-    data = path.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
-    for encoding in ("utf-8-sig", "cp1252"):
-        try:
-            text = data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-        if "\x00" not in text:
-            return text
-    raise ManifestError(f"manifest {path} is not text in UTF-8, UTF-16 or Windows-1252: save it as \"CSV UTF-8\" "
-                        "(Excel: File > Save As > CSV UTF-8) or as JSONL in UTF-8")
 
 
 def _items(value) -> list[str]:
@@ -144,8 +127,8 @@ def prepare_rows(manifest: str | Path, smoke: bool = False, speed: str | None = 
     rows, problems = [], []
     for number, raw in enumerate(read_manifest(manifest), 1):
         try:
-            rows.append(_prepare(number, {"speed": speed, **raw} if speed and "speed" not in raw else raw, base,
-                                 smoke))
+            rows.append(prepare_row(number, {"speed": speed, **raw} if speed and "speed" not in raw else raw, base,
+                                    smoke))
         except (ValueError, FileNotFoundError) as error:  # SettingsError, ImageInputError, ...
             problems.append(f"row {number}: {error}")
     if problems:
@@ -156,7 +139,10 @@ def prepare_rows(manifest: str | Path, smoke: bool = False, speed: str | None = 
     return rows
 
 
-def _prepare(number: int, raw: dict[str, Any], base: Path, smoke: bool) -> Row:
+def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
+                open_picture: Callable[[str, str], Any] = open_image) -> Row:
+    """One manifest row (`raw`: column -> value as written) checked and keyed; raises what `prepare_rows` lists.
+    `open_picture(path, what)`: how its photos are opened (the identity benchmark remembers them across rows)."""
     unknown = sorted(set(raw) - set(COLUMNS))
     if unknown:
         raise settings.SettingsError([f"unknown column(s) {', '.join(unknown)}; known: {', '.join(COLUMNS)}"])
@@ -178,15 +164,16 @@ def _prepare(number: int, raw: dict[str, Any], base: Path, smoke: bool) -> Row:
 
         values["width"] = values["height"] = SMOKE_SIZE
     if "face" in raw:
-        values["face_image"] = open_image(_relative(base, raw["face"]), "face photo")
+        values["face_image"] = open_picture(_relative(base, raw["face"]), "face photo")
     elif "people" not in raw:
         from instantid_colab.smoke import sample_face_image
 
         values["face_image"] = sample_face_image()
-    values["extra_face_images"] = [open_image(_relative(base, p), "extra face photo") for p in _items(raw.get("extra_faces"))]
+    values["extra_face_images"] = [open_picture(_relative(base, p), "extra face photo")
+                                   for p in _items(raw.get("extra_faces"))]
     for column, keyword, what in (("pose", "pose_image", "pose image"), ("init_image", "init_image", "start photo")):
         if column in raw:
-            values[keyword] = open_image(_relative(base, raw[column]), what)
+            values[keyword] = open_picture(_relative(base, raw[column]), what)
     given = [controls.parse_control(text) for text in _items(raw.get("controls"))]
     given += [controls.parse_control(text, is_map=True) for text in _items(raw.get("control_maps"))]
     given = [controls.Control(c.kind, _relative(base, str(c.image)), c.strength, c.start, c.end, c.is_map) for c in given]
@@ -305,16 +292,24 @@ class BatchReport:
     failed: int  # a face not found, a LoRA that does not fit, ...: recorded with the reason
     seconds: float
     out: Path
+    sheet: Path | None = None  # the contact sheet, when one was written
 
     def render(self) -> str:
         rate = f", {self.made / self.seconds:.2f} rows/s" if self.made and self.seconds else ""
+        sheet = f"; contact sheet: {self.sheet}" if self.sheet else ""
         return (f"{self.rows} rows: {self.made} made here, {self.skipped} already done, {self.failed} failed"
-                f" ({self.seconds:.1f} s{rate}). Results: {self.out / RESULTS}; contact sheet: {self.out / CONTACT_SHEET}")
+                f" ({self.seconds:.1f} s{rate}). Results: {self.out / RESULTS}{sheet}")
 
 
 def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: int = 1, progress: bool = True,
-        on_row=None) -> BatchReport:
-    """Make every row not yet in `out/results.jsonl`, taking rows through `Claims` (safe with several processes)."""
+        on_row=None, measure: Callable[[Row, Any], dict[str, Any]] | None = None, desc: str = "batch",
+        sheet: bool = True) -> BatchReport:
+    """Make every row not yet in `out/results.jsonl`, taking rows through `Claims` (safe with several processes).
+
+    Each results line records the row's seconds and, on a GPU, its peak VRAM; `measure(row, result)` adds its
+    own figures to the line before it is written (the identity benchmark's metrics), outside the seconds.
+    `sheet`: write contact_sheet.png at the end.
+    """
     from tqdm.auto import tqdm
 
     from instantid_colab import pipeline, refine
@@ -325,7 +320,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
     device = str(session.device)
     already = len({row.key for row in rows} & done_keys(out))
     todo = len(rows) - already
-    bar = tqdm(total=-(-todo // processes), desc=f"batch (GPU {process})" if processes > 1 else "batch",
+    bar = tqdm(total=-(-todo // processes), desc=f"{desc} (GPU {process})" if processes > 1 else desc,
                unit="row", disable=not progress)
     made = failed = 0
     started = time.perf_counter()
@@ -334,6 +329,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
         writing = None
         while (row := claims.take(rows)) is not None:
             row_started = time.perf_counter()
+            peak = _PeakVram(session.device)
             line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "process": process,
                                     "pid": os.getpid(), "device": device}
             try:
@@ -349,9 +345,12 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                 bar.update()
                 continue
             line.update(status="done", seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
+                        **peak.measured(),
                         identity_similarity=[likeness.similarity for likeness in result.likeness],
                         people_similarity=[[score.similarity for score in scores] for scores in result.people_likeness],
                         settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
+            if measure is not None:
+                line.update(measure(row, result))
             if writing is not None:
                 writing.result()  # at most one row waits to be written
             writing = writer.submit(_write, claims, row, line, result.images, out)
@@ -362,9 +361,30 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
         if writing is not None:
             writing.result()
     bar.close()
-    with claims.locked():
-        contact_sheet(out, rows, session.label)
-    return BatchReport(len(rows), made, already, failed, time.perf_counter() - started, out)
+    written = None
+    if sheet:
+        with claims.locked():
+            written = contact_sheet(out, rows, session.label)
+    return BatchReport(len(rows), made, already, failed, time.perf_counter() - started, out, written)
+
+
+class _PeakVram:
+    """The peak GPU memory allocated from now until `measured()` (nothing off a GPU)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def measured(self) -> dict[str, float]:
+        import torch
+
+        if not self.cuda:
+            return {}
+        return {"peak_vram_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
 
 
 def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Path) -> None:
@@ -394,18 +414,30 @@ def contact_sheet(out: Path, rows: list[Row], label: str | None = None, columns:
                 tiles.append((file, f"row {row.number}#{index + 1} · seed {line['seed']} · likeness {likeness}"))
     if not tiles:
         return None
-    top = 24 if label else 0
-    rows_needed = -(-len(tiles) // columns)
-    sheet = Image.new("RGB", (columns * THUMB, top + rows_needed * (THUMB + 20)), "white")
+    path = out / CONTACT_SHEET
+    rows_of_tiles = [tiles[start:start + columns] for start in range(0, len(tiles), columns)]
+    draw_sheet(rows_of_tiles, label, columns=columns).save(path)
+    return path
+
+
+def draw_sheet(grid: list[list[tuple[str | Path | None, str]]], label: str | None = None,
+               titles: list[str] | None = None, columns: int | None = None) -> Image.Image:
+    """Thumbnails in rows and columns (`columns` wide, else as wide as the longest row), each (file or None for an
+    empty place, caption), with a title over each column when given, under `label` (the smoke label) when given."""
+    columns = columns or max(len(row) for row in grid)
+    top = (24 if label else 0) + (20 if titles else 0)
+    sheet = Image.new("RGB", (columns * THUMB, top + len(grid) * (THUMB + 20)), "white")
     draw = ImageDraw.Draw(sheet)
     if label:
         draw.text((4, 6), label, fill="darkred")
-    for index, (file, caption) in enumerate(tiles):
-        with Image.open(file) as picture:
-            picture.thumbnail((THUMB, THUMB))
-            x, y = (index % columns) * THUMB, top + (index // columns) * (THUMB + 20)
-            sheet.paste(picture.convert("RGB"), (x + (THUMB - picture.width) // 2, y))
-        draw.text((x + 4, y + THUMB + 4), caption, fill="black")
-    path = out / CONTACT_SHEET
-    sheet.save(path)
-    return path
+    for column, title in enumerate(titles or ()):
+        draw.text((column * THUMB + 4, top - 16), title, fill="black")
+    for row_index, row in enumerate(grid):
+        for column, (file, caption) in enumerate(row):
+            x, y = column * THUMB, top + row_index * (THUMB + 20)
+            if file is not None:
+                with Image.open(file) as picture:
+                    picture.thumbnail((THUMB, THUMB))
+                    sheet.paste(picture.convert("RGB"), (x + (THUMB - picture.width) // 2, y))
+            draw.text((x + 4, y + THUMB + 4), caption, fill="black")
+    return sheet

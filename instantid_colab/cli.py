@@ -267,26 +267,87 @@ def _batch(args: argparse.Namespace) -> int:
     from instantid_colab.settings import check_arguments
 
     check_arguments(gpus=(args.gpus, "gpus"))
+    _out_folder(args.out)
     if args.gpus > 1:
         return _launch_on_gpus(args.gpus, args.argv)
     rows = batch.prepare_rows(args.manifest, smoke=args.smoke, speed=args.speed)
-    process, processes = 0, 1
-    if "LOCAL_RANK" in os.environ:  # one of the processes `accelerate launch` started: its own GPU, its own plan
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState()
-        process, processes = state.process_index, state.num_processes
-        if state.device.type == "cuda":
-            torch.cuda.set_device(state.device)
-    weights = _weights(args)
-    for lora in {lora.name for row in rows for lora in row.values["loras"]}:
-        pipeline.lora_file(weights, lora)
-    session = pipeline.load_pipeline(weights, progress=False)
+    process, processes = _this_process()
+    session = pipeline.load_pipeline(_weights_for_rows(args, rows), progress=False)
     report = batch.run(session, rows, args.out, process=process, processes=processes)
     if session.label:
         print(f"[{session.label}]")
     print(report.render())
+    return 0
+
+
+def _out_folder(out: str) -> None:
+    """A folder for a run's results: SettingsError when `out` names an existing file."""
+    from pathlib import Path
+
+    from instantid_colab.settings import SettingsError
+
+    if Path(out).expanduser().is_file():
+        raise SettingsError([f"--out {out} is a file; give a folder (it is made when missing)"])
+
+
+def _this_process() -> tuple[int, int]:
+    """(this process, processes): (0, 1), or one of the processes `accelerate launch` started, on its own GPU."""
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.device.type == "cuda":
+        torch.cuda.set_device(state.device)
+    return state.process_index, state.num_processes
+
+
+def _weights_for_rows(args: argparse.Namespace, rows: list):
+    """The weights, with every LoRA the rows name on disk (a missing one is reported before the models load)."""
+    from instantid_colab import pipeline
+
+    weights = _weights(args)
+    for lora in {lora.name for row in rows for lora in row.values["loras"]}:
+        pipeline.lora_file(weights, lora)
+    return weights
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Plan every image (people, prompts, grid, seeds: all checked), load once, make and score what results.jsonl
+    lacks, then print the table; `--gpus N` relaunches under accelerate like batch."""
+    from pathlib import Path
+
+    from instantid_colab.settings import SettingsError, check_arguments
+
+    check_arguments(gpus=(args.gpus, "gpus"), seeds=(args.seeds, "bench_seeds"))
+    _out_folder(args.out)
+    if args.faces is None and not args.smoke:
+        raise SettingsError(["--faces is required: a folder with one photo per person, or one folder of photos per "
+                             "person"])
+    if args.gpus > 1:
+        return _launch_on_gpus(args.gpus, args.argv)
+    from instantid_colab import pipeline
+    from instantid_colab.bench import run as bench
+
+    faces = args.faces
+    if faces is None:
+        from instantid_colab.smoke import write_sample_people
+
+        faces = write_sample_people(Path(args.out) / "smoke-faces")
+    plan = bench.plan(faces, args.prompts, args.grid, args.seeds, smoke=args.smoke)
+    print(plan.describe(), flush=True)
+    if bench.remaining(plan, args.out) == 0:  # nothing to make: no models to load
+        from instantid_colab.weights import SMOKE_LABEL
+
+        summary, written = bench.report(plan, args.out, SMOKE_LABEL if args.smoke else None)
+        print(f"All {len(plan.rows)} images are in {Path(args.out) / 'results.jsonl'}: nothing to make.")
+    else:
+        process, processes = _this_process()
+        session = pipeline.load_pipeline(_weights_for_rows(args, plan.rows), progress=False)
+        made, summary, written = bench.run(session, plan, args.out, process=process, processes=processes)
+        print(*([f"[{session.label}]"] if session.label else []), made.render(), sep="\n")
+    print("", summary.table_markdown(), "", *(f"{kind}: {path}" for kind, path in written.items()), sep="\n")
     return 0
 
 
@@ -462,6 +523,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the speed mode of rows without a speed column: " + ", ".join(SPEEDS))
     batch.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
     _weights_options(batch)
+
+    bench = command("bench", "identity benchmark: likeness, prompt-following and time for every setting, side by side",
+                    _bench)
+    bench.add_argument("--faces", metavar="DIR",
+                       help="one photo per person, or one folder of photos per person; with two or more photos the "
+                            "last in name order is held out (never given to the generator, likeness measured against "
+                            "it). With --smoke: optional (drawn smoke faces)")
+    bench.add_argument("--out", default="outputs/bench",
+                       help="folder for the images, results.jsonl, table.md/.csv, the plot and the contact sheet")
+    bench.add_argument("--prompts", default="builtin", metavar="SET_OR_FILE",
+                       help="builtin (PuLID's protocol prompt and 21 varied ones, with sources), protocol (PuLID's "
+                            "one prompt), or a text file, one prompt a line; default builtin")
+    bench.add_argument("--grid", metavar="SPEC_OR_FILE",
+                       help='settings to compare: "speed=quality,lightning-4; identitynet_strength=0.6,0.8; '
+                            'guidance_interval=none,0.17:0.9" (every combination; none = the default), or a CSV/JSONL '
+                            "file of configurations named by a `name` column; default: one setting, the defaults")
+    bench.add_argument("--seeds", type=int, default=1,
+                       help=f"images per person, prompt and setting: {LIMITS['bench_seeds'].render()}; default 1")
+    bench.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
+    bench.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
+    _weights_options(bench)
 
     app = command("app", "the gradio app", _app)
     app.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), no download")

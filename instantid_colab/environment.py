@@ -69,11 +69,11 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     # it declares the CPU `onnxruntime`, which would land beside onnxruntime-gpu on a CUDA machine.
     Requirement("onnx", "onnx", "1.13", "install", "required by insightface"),
     Requirement(
-        "opencv-python", "cv2", "4.5.5.64", "install", "required by insightface; keypoint drawing",
+        "opencv-python", "cv2", "4.5.5.64", "install", "required by insightface; keypoint drawing; SFace, the identity benchmark's judge",
         alternatives=("opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"),
     ),
     Requirement("scikit-image", "skimage", "0.20", "install", "required by insightface (face alignment)"),
-    Requirement("scipy", "scipy", "1.11.2", "install", "required by insightface (older ones refuse numpy 1.26)"),
+    Requirement("scipy", "scipy", "1.11.2", "install", "required by insightface (older ones refuse numpy 1.26); the identity benchmark's intervals"),
     Requirement("tqdm", "tqdm", "4.63", "install", "progress bars; 4.63 falls back to text bars in a notebook without ipywidgets"),
     Requirement("requests", "requests", "2.25", "install", "required by insightface"),
     Requirement("matplotlib", "matplotlib", "3.7", "install", "the ConvNeXtPose benchmark's plot (notebook 04)"),

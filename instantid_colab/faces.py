@@ -55,11 +55,10 @@ class Likeness:
 
 
 def reference_direction(embedding: np.ndarray) -> np.ndarray:
-    """The unit identity vector a generation used: the mean direction of its embedding rows.
-
-    One row for "average"/"norm_average"; with "concat" every photo's row counts equally.
+    """The unit identity vector a generation used: the mean direction of its embedding rows (any width: ArcFace's
+    512, a judge's 128). One row for "average"/"norm_average"; with "concat" every photo's row counts equally.
     """
-    rows = np.asarray(embedding, dtype=np.float64).reshape(-1, 512)
+    rows = np.asarray(embedding, dtype=np.float64).reshape(-1, np.shape(embedding)[-1])
     direction = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(axis=0)
     return direction / np.linalg.norm(direction)
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from instantid_colab.batch import BatchReport
+    from instantid_colab.bench.report import BenchSummary
     from instantid_colab.memory import MemoryPlan, StageRecorder
     from instantid_colab.pipeline import GenerationResult, InstantIDSession
     from instantid_colab.pose.benchmark import BenchmarkResult
@@ -266,6 +267,27 @@ def swap(session: InstantIDSession, target: str = "", face: str = "", which: int
     return path
 
 
+def identity_benchmark(session: InstantIDSession, faces: str, grid: str = "", prompts: str = "protocol",
+                       seeds: int = 4, out: str | Path = "outputs/identity_bench",
+                       smoke: bool = False) -> tuple[BenchSummary, dict[str, Path]]:
+    """`python -m instantid_colab bench` with the loaded session: plan (every setting checked first), make and
+    score what `out` lacks (rerun the cell to finish after a disconnect), and write the table, plot and sheet.
+    Smoke mode benchmarks two drawn smoke people written under `out` (FACES is not read)."""
+    from instantid_colab.bench import run as bench
+
+    if smoke:
+        from instantid_colab.smoke import write_sample_people
+
+        faces = write_sample_people(Path(out) / "smoke-faces")
+    elif not Path(faces).is_dir():
+        raise _missing_folder("FACES", faces, " Make it, with one photo per person or one folder of photos per person.")
+    plan = bench.plan(faces, prompts, grid or None, seeds, smoke=smoke)
+    print(plan.describe())
+    made, summary, written = bench.run(session, plan, out)
+    print((f"[{session.label}] " if session.label else "") + made.render())
+    return summary, written
+
+
 def show_text(text: str, label: str | None = None) -> None:
     """Print a fixed-width table, under the smoke label when its numbers come from random weights."""
     print(f"{label}\n{text}" if label else text)
@@ -373,7 +395,12 @@ def pose_benchmark(smoke: bool, checkpoints: str, h36m: str, variants: str = "XS
         return benchmark.run_smoke(out, names, protocol)
     for what, folder in (("CHECKPOINTS", checkpoints), ("H36M", h36m)):
         if not Path(folder).is_dir():
-            hint = " Turn USE_DRIVE on, or check the path in Drive's file browser." if folder.startswith(
-                str(DRIVE_MOUNT_POINT)) else ""
-            raise FileNotFoundError(f"{what} folder {folder} does not exist.{hint}")
+            raise _missing_folder(what, folder)
     return benchmark.run_benchmark(checkpoints, h36m, names, protocol, out)
+
+
+def _missing_folder(what: str, folder: str, advice: str = "") -> FileNotFoundError:
+    """A form's folder that does not exist, with what to do (a Drive path: mount Drive first)."""
+    hint = " Turn USE_DRIVE on, or check the path in Drive's file browser." if str(folder).startswith(
+        str(DRIVE_MOUNT_POINT)) else ""
+    return FileNotFoundError(f"{what} folder {folder} does not exist.{advice}{hint}")

@@ -61,6 +61,7 @@ LIMITS: dict[str, Bounds] = {
     "det_size": Bounds(160, 1280, True, "insightface's detector input side; the official demo uses 640"),
     "port": Bounds(1, 65535, True, "a TCP port"),
     "pose_batch": Bounds(1, 4096, True, "images per forward pass when measuring throughput"),
+    "bench_seeds": Bounds(1, 64, True, "images per person, prompt and setting; PuLID's protocol makes 4 per person"),
 }
 FLAGS = ("enhance_non_face", "lcm")
 COMBINE_MODES = ("average", "norm_average", "concat")  # several photos of one person: ComfyUI_InstantID's options

@@ -366,10 +366,15 @@ def _ensure(source: Source, what: str, downloader: Downloader, progress: bool, o
         check_file(source.local_dir / file, file)
 
 
+def model_folder(weights: WeightPaths, kind: str, repo: str) -> Path:
+    """Where a hub repo of one kind ("previews", "annotators", "judges", ...) lives under the weights folder."""
+    return root_of(weights) / kind / repo.replace("/", "--")
+
+
 def ensure_taesd(weights: WeightPaths, repo: str, files: tuple[str, ...], *, downloader: Downloader = hub_downloader,
                  progress: bool = True, offline: bool | None = None) -> Path:
     """Folder of the tiny preview decoder (TAESDXL, a few MB), fetched the first time previews are asked for."""
-    folder = root_of(weights) / "previews" / repo.replace("/", "--")
+    folder = model_folder(weights, "previews", repo)
     _ensure(Source(repo, files, folder), f"The preview decoder {repo} (turn previews off to go without it)",
             downloader, progress, offline)
     return folder
@@ -385,7 +390,7 @@ def ensure_controlnet(weights: WeightPaths, repo: str, download: str, *, downloa
     A repo that publishes only a pickled fp32 `.bin` (thibaud's openpose: 5 GB) is converted once to
     fp16 safetensors (2.5 GB, memory-mapped loads) and the `.bin` deleted, on Drive too.
     """
-    folder = root_of(weights) / "controlnets" / repo.replace("/", "--")
+    folder = model_folder(weights, "controlnets", repo)
     if (folder / "config.json").is_file() and (folder / CONTROLNET_FILE).is_file():
         return folder
     _ensure(Source(repo, ("config.json", download), folder), f"The ControlNet {repo}", downloader, progress, offline)
@@ -409,8 +414,16 @@ def _pickle_to_fp16_safetensors(source: Path, target: Path) -> None:
 def ensure_annotator(weights: WeightPaths, repo: str, files: tuple[str, ...], *, downloader: Downloader = hub_downloader,
                      progress: bool = True, offline: bool | None = None) -> Path:
     """Folder of a transformers annotator model (pose or depth), fetched once."""
-    folder = root_of(weights) / "annotators" / repo.replace("/", "--")
+    folder = model_folder(weights, "annotators", repo)
     _ensure(Source(repo, files, folder), f"The annotator {repo}", downloader, progress, offline)
+    return folder
+
+
+def ensure_judge(weights: WeightPaths, repo: str, files: tuple[str, ...], *, downloader: Downloader = hub_downloader,
+                 progress: bool = True, offline: bool | None = None) -> Path:
+    """Folder of a model the identity benchmark scores pictures with (never one that makes them), fetched once."""
+    folder = model_folder(weights, "judges", repo)
+    _ensure(Source(repo, files, folder), f"The benchmark's judge {repo}", downloader, progress, offline)
     return folder
 
 
@@ -428,7 +441,7 @@ def ensure_lora(weights: WeightPaths, name: str, *, downloader: Downloader = hub
     if len(parts) < 2:
         raise MissingWeightsError(f"LoRA {name!r} is neither a .safetensors file nor a hub id owner/name.")
     repo, file = "/".join(parts[:2]), "/".join(parts[2:])
-    folder = root_of(weights) / "loras" / repo.replace("/", "--")
+    folder = model_folder(weights, "loras", repo)
     if not file:
         found = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         if not found and not _offline(offline):

@@ -169,6 +169,15 @@ def test_smoke_banner_shows_only_for_smoke_weights():
     assert banners(app.build_app(_session(smoke=False))) == []
 
 
+def test_the_page_says_how_to_read_a_likeness_difference():
+    blocks = app.build_app(_session())
+    (help_section,) = [accordion for accordion in _components(blocks, gr.Accordion)
+                       if accordion.elem_id == "likeness-help"]
+    texts = [markdown.value for markdown in _components(blocks, gr.Markdown)]
+    assert app.LIKENESS_HELP in texts and help_section.label == "How to read the likeness"
+    assert "two pictures 0.02 apart are a draw" in app.LIKENESS_HELP and "instantid_colab bench" in app.LIKENESS_HELP
+
+
 def test_a_speed_mode_moves_steps_and_guidance_to_its_card_values():
     steps, guidance = app._speed_switch("lcm")
     assert (steps["value"], guidance["value"]) == (5, 1.5)
@@ -407,7 +416,7 @@ def test_page_lists_a_section_for_each_control_and_the_lora_and_start_photo_inpu
     blocks = app.build_app(_session())
     accordions = [block.label for block in _components(blocks, gr.Accordion)]
     assert accordions == ["Advanced", "People: several in one picture", "Body pose, edges, depth (extra ControlNets)",
-                          "Style LoRAs", "Start from a photo (img2img)"]
+                          "Style LoRAs", "Start from a photo (img2img)", "How to read the likeness"]
     images = {image.elem_id for image in _components(blocks, gr.Image)}
     assert {"person-1", "person-2", "person-3", "person-4"} <= images
     sliders = {slider.elem_id: slider for slider in _components(blocks, gr.Slider) if slider.elem_id}

@@ -1,4 +1,4 @@
-"""The four Colab notebooks: hygiene (what review asks of every cell) and a smoke run of each.
+"""The five Colab notebooks: hygiene (what review asks of every cell) and a smoke run of each.
 
 The smoke run is the CI version of the user's "Run all": each notebook is executed top to bottom in
 a fresh `python3` kernel with the papermill-style smoke parameters injected after its `parameters`
@@ -25,7 +25,7 @@ from instantid_colab import notebook as helpers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-NAMES = ["01_install", "02_load_models", "03_generate", "04_convnextpose_benchmark"]
+NAMES = ["01_install", "02_load_models", "03_generate", "04_convnextpose_benchmark", "05_identity_benchmark"]
 BADGE_URL = "https://colab.research.google.com/github/instantid-colab/instantid-colab/blob/main/notebooks/{}.ipynb"
 REPO_URL = "https://github.com/instantid-colab/instantid-colab"
 MAX_CODE_LINES = 6
@@ -61,7 +61,7 @@ def parameters_cell(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return tagged[0]
 
 
-def test_the_four_notebooks_and_nothing_else() -> None:
+def test_the_five_notebooks_and_nothing_else() -> None:
     assert sorted(path.stem for path in NOTEBOOK_DIR.glob("*.ipynb")) == NAMES
 
 
@@ -383,3 +383,20 @@ def test_04_convnextpose_benchmark_runs_in_smoke_mode(workdir: Path, monkeypatch
     (shown,) = images(nb)
     with Image.open(out / "accuracy_vs_speed.png") as written:
         assert shown.size == written.size and shown.tobytes() == written.convert(shown.mode).tobytes()
+
+
+def test_05_identity_benchmark_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nb = execute("05_identity_benchmark", workdir, monkeypatch)
+    output = texts(nb)
+    assert "56 images: 2 people x 1 prompts x 7 settings x 4 seeds" in output
+    assert "person bob: given bob-1.png; held out: bob-2.png" in output
+    rows = [line for line in output.splitlines() if line.startswith("| speed=")]
+    assert [row.split("|")[1].strip() for row in rows[:7]] == [f"speed={name}" for name in
+                                                             ("quality", "lcm", "lightning-4", "lightning-8", "hyper-8",
+                                                              "dmd2-4", "tcd")]
+    assert f"**{SMOKE_LABEL}**" in output
+    out = workdir / "outputs" / "identity_bench"
+    plot, sheet = images(nb)
+    with Image.open(out / "likeness_vs_prompt.png") as written:
+        assert plot.size == written.size
+    assert sheet.size[0] == 7 * 256

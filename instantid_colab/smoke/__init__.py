@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root
+from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root, model_folder
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 3  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 4  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -94,6 +94,15 @@ def write_smoke_controls(root: Path, unet) -> None:
     write_tiny_depth_anything(root / "annotators" / ANNOTATOR_REPOS["depth"].replace("/", "--"))
 
 
+def write_smoke_judges(weights: WeightPaths) -> None:
+    """Tiny SFace and CLIP models where `weights.ensure_judge` looks (the identity benchmark's judges)."""
+    from instantid_colab.bench.judges import CLIP_REPO, SFACE_FILE, SFACE_REPO
+    from instantid_colab.smoke.judges import write_clip, write_sface
+
+    write_sface(model_folder(weights, "judges", SFACE_REPO) / SFACE_FILE)
+    write_clip(model_folder(weights, "judges", CLIP_REPO))
+
+
 def build_smoke_weights(root: str | Path | None = None):
     """Write (once) tiny random-weight InstantID files under `root`; returns WeightPaths(smoke=True)."""
     root = Path(root).expanduser() if root is not None else default_smoke_root()
@@ -119,6 +128,7 @@ def build_smoke_weights(root: str | Path | None = None):
     write_tiny_lora(root / "loras" / "smoke", TINY, seed=7)
     write_tiny_taesd(root)
     write_smoke_controls(root, unet)
+    write_smoke_judges(paths)
     face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
     assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
     marker.write_text(json.dumps({"version": _VERSION, "label": SMOKE_LABEL}))
@@ -139,3 +149,14 @@ def sample_face_image(size: int = 256, face_color: tuple[int, int, int] = (235, 
     left = (size - side) // 2
     ImageDraw.Draw(image).rectangle([left, left, left + side - 1, left + side - 1], fill=face_color)
     return image
+
+
+def write_sample_people(folder: str | Path) -> Path:
+    """A --faces folder of two smoke "people": ann.png (one photo), and bob/ with two photos, so one is held out."""
+    folder = Path(folder)
+    (folder / "bob").mkdir(parents=True, exist_ok=True)
+    sample_face_image().save(folder / "ann.png")
+    blue = (150, 210, 240)
+    sample_face_image(face_color=blue).save(folder / "bob" / "bob-1.png")
+    sample_face_image(320, face_color=blue).save(folder / "bob" / "bob-2.png")
+    return folder

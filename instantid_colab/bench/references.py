@@ -1,0 +1,76 @@
+"""The people of an identity benchmark: a folder holding one photo per person, or one folder per person.
+
+With two or more photos of a person, the last in name order is held out: it is never given to the generator,
+and likeness is measured against it too. Scoring only against the photo the picture was made from rewards
+copying that photo; a held-out photo of the same person is the honest test (PuLID and UniPortrait measure
+against other photos of the person for that reason).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".gif")
+
+
+@dataclass(frozen=True)
+class BenchPerson:
+    """One person: the photos the generator gets, and the held-out one (None with a single photo)."""
+
+    name: str
+    references: tuple[Path, ...]
+    held_out: Path | None = None
+
+    def describe(self) -> str:
+        given = ", ".join(path.name for path in self.references)
+        held = f"held out: {self.held_out.name}" if self.held_out else "nothing held out (one photo)"
+        return f"{self.name}: given {given}; {held}"
+
+
+def _photos(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir()
+                  if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith("."))
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of a person's or a setting's name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+
+
+def find_people(folder: str | Path) -> list[BenchPerson]:
+    """The people under `folder`, in name order: each photo directly in it is a person (named by the file),
+    each sub-folder is a person (named by the folder). ValueError when there is none, or a folder has no photo."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"--faces {folder}: no such folder; give a folder with one photo per person, or one "
+                         "folder of photos per person")
+    people, empty = [], []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            photos = _photos(entry)
+            if not photos:
+                empty.append(entry.name)
+                continue
+        elif entry.suffix.lower() in PHOTO_SUFFIXES:
+            photos = [entry]
+        else:
+            continue
+        held_out = photos[-1] if len(photos) > 1 else None
+        people.append(BenchPerson(entry.stem if entry.is_file() else entry.name,
+                                  tuple(photos[:-1] if held_out else photos), held_out))
+    if empty:
+        raise ValueError(f"--faces {folder}: these person folders hold no photo ({', '.join(PHOTO_SUFFIXES)}): "
+                         f"{', '.join(empty)}; add photos or remove the folders")
+    if not people:
+        raise ValueError(f"--faces {folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}), directly or one folder "
+                         "per person")
+    names = [slug(person.name) for person in people]
+    if len(set(names)) < len(names):
+        doubles = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"--faces {folder}: two people share a name ({', '.join(doubles)}, a photo and a folder "
+                         "of the same name?); rename one")
+    return people
