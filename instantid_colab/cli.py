@@ -21,10 +21,12 @@ def _doctor(args: argparse.Namespace) -> int:
     need psutil, and are skipped with the reason when it is missing (a machine before `install`)."""
     import json
 
-    from instantid_colab import environment
+    from instantid_colab import colab_image, environment
 
     env = environment.report()
     problems, notes = environment.check(env), environment.untested(env)
+    image = colab_image.load()
+    moved = colab_image.differences(image, environment.installed_versions())
     try:
         measured = _memory_outlook()
     except ImportError as error:
@@ -34,7 +36,9 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems],
                             "notes": [vars(note) for note in notes]}
-        report = {"environment": environment_dict, "memory": None, "plan": None, "controls": None}
+        report = {"environment": environment_dict, "memory": None, "plan": None, "controls": None,
+                  "colab_image": {"source": image.source, "python": image.python,
+                                  "differences": [vars(difference) for difference in moved]}}
         if measured is None:
             report["memory_error"] = missing
         else:
@@ -44,7 +48,8 @@ def _doctor(args: argparse.Namespace) -> int:
                                     for name, value in outlook.items()})
         print(json.dumps(report, indent=2))
     else:
-        print(env.render(), "", *(problem.render() for problem in problems + notes), "", sep="\n")
+        print(env.render(), "", *(problem.render() for problem in problems + notes), "", _image_lines(image, moved),
+              "", sep="\n")
         if measured is None:
             print(missing)
         else:
@@ -55,6 +60,14 @@ def _doctor(args: argparse.Namespace) -> int:
         if not problems:
             print("\nNo problems found.")
     return 1 if any(problem.severity == "error" for problem in problems) else 0
+
+
+def _image_lines(image, moved: list) -> str:
+    """The Colab image the release was tested on, and what differs from it here (a bug report's first question)."""
+    head = f"Tested on {image.describe()}."
+    if not moved:
+        return head + "\nThis machine has the image's versions of everything we use."
+    return "\n".join([head, f"Here {len(moved)} differ from it:", *(f"  {d.render()}" for d in moved)])
 
 
 def _memory_outlook():

@@ -47,3 +47,12 @@ def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
 def parameter_device(model: torch.nn.Module) -> torch.device:
     """A model's device from its first parameter (`.device` walks every module too)."""
     return next(model.parameters()).device
+
+
+def pil_image_processor(name: str) -> type:
+    """transformers' image processor class `name` in its PIL form: transformers 5 calls that one `{name}Pil` (its
+    plain name is the torchvision one there, and raises ImportError without torchvision); before 5 the plain name
+    is the PIL one. The same pixels, with or without torchvision, on every version."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)

@@ -25,6 +25,7 @@ try:  # re-exported for the pipeline: one place knows where diffusers keeps it
 except ImportError:  # diffusers < 0.32 kept it under pipelines
     from diffusers.pipelines.controlnet.multicontrolnet import MultiControlNetModel  # noqa: F401
 
+from instantid_colab.components import pil_image_processor
 from instantid_colab.controls import Control, image_digest
 from instantid_colab.settings import SettingsError
 from instantid_colab.weights import reading
@@ -45,10 +46,10 @@ def canny_map(image: Image.Image) -> Image.Image:
 
 def depth_map(image: Image.Image, folder: Path) -> Image.Image:
     """Relative depth (near = bright) from Depth Anything V2, min-max scaled, as the official get_depth_map."""
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+    from transformers import AutoModelForDepthEstimation
 
     with reading("the depth annotator", folder):
-        processor = AutoImageProcessor.from_pretrained(folder)
+        processor = pil_image_processor("DPTImageProcessor").from_pretrained(folder)  # Depth Anything V2's own
         model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
     try:
         with torch.no_grad():

@@ -17,7 +17,7 @@ def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
     done = subprocess.run([sys.executable, "-m", "instantid_colab", "doctor", "--json"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     data = json.loads(done.stdout)
-    assert set(data) == {"environment", "memory", "plan", "controls"}
+    assert set(data) == {"environment", "memory", "plan", "controls", "colab_image"}
     assert all(note["severity"] == "note" for note in data["environment"]["notes"])
     assert list(data["controls"]) == ["+pose", "+pose+canny+depth"]
     if not data["environment"]["cuda_available"]:

@@ -97,6 +97,23 @@ def test_pose_and_depth_annotators_run_through_transformers(session, face):
     assert grey.min() == 0 and grey.max() == 255 and np.array_equal(grey[..., 0], grey[..., 2])
 
 
+def test_depth_needs_no_torchvision(session, face, monkeypatch):
+    """transformers 5.15 without torchvision: AutoImageProcessor raises ImportError (Colab has torchvision; another
+    machine with that transformers got "internal error"). The depth annotator uses the PIL processor by name."""
+    import transformers
+
+    from instantid_colab.components import pil_image_processor
+
+    def torchvision_missing(*args, **kwargs):
+        raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", torchvision_missing)
+    expected = getattr(transformers, "DPTImageProcessorPil", None) or transformers.DPTImageProcessor
+    assert pil_image_processor("DPTImageProcessor") is expected  # transformers 5: the ...Pil class
+    depth = controlnets.depth_map(face, session.annotator_folder("depth"))
+    assert depth.size == face.size and np.asarray(depth).max() == 255
+
+
 def test_openpose_keypoints_from_coco_add_the_neck_and_drop_unsure_points():
     coco = np.array([[float(i), float(10 * i)] for i in range(17)])
     scores = np.ones(17)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from instantid_colab.components import load as load_component
+from instantid_colab.components import load as load_component, pil_image_processor
 from instantid_colab.faces import Face, reference_direction
 from instantid_colab.images import ImageLike, open_image
 from instantid_colab.weights import WeightPaths, ensure_judge, reading
@@ -75,14 +75,6 @@ class FaceJudge:
         return np.asarray(self._recognizer.feature(aligned), dtype=np.float32).reshape(-1)
 
 
-def clip_image_processor() -> type:
-    """CLIP's PIL image processor (transformers 5: CLIPImageProcessorPil; before it, CLIPImageProcessor is that
-    one): the same pixels with or without torchvision, so scores agree across machines."""
-    import transformers
-
-    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-
-
 class ClipJudge:
     """CLIP score of a picture against its prompt: 100 x max(cos(image, text), 0)."""
 
@@ -94,7 +86,7 @@ class ClipJudge:
         self.model = load_component(CLIPModel, folder, device, dtype).eval()
         with reading("the CLIP tokenizer and image processor", folder):
             self.tokenizer = CLIPTokenizer.from_pretrained(folder)
-            self.processor = clip_image_processor().from_pretrained(folder)
+            self.processor = pil_image_processor("CLIPImageProcessor").from_pretrained(folder)
         self.device, self.dtype = torch.device(device), dtype
 
     @torch.no_grad()

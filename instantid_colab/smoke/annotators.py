@@ -12,18 +12,22 @@ import torch
 
 
 def write_tiny_vitpose(folder: Path, seed: int = 5) -> Path:
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation, VitPoseImageProcessor
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
+
+    from instantid_colab.components import pil_image_processor
 
     backbone = VitPoseBackboneConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=[64, 48],
                                      patch_size=[16, 16], mlp_ratio=2)
     torch.manual_seed(seed)
     VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone, num_labels=17)).save_pretrained(folder)
-    VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(folder)
+    pil_image_processor("VitPoseImageProcessor")(size={"height": 64, "width": 48}).save_pretrained(folder)
     return folder
 
 
 def write_tiny_depth_anything(folder: Path, seed: int = 6) -> Path:
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+    from instantid_colab.components import pil_image_processor
 
     backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
                             image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
@@ -32,6 +36,6 @@ def write_tiny_depth_anything(folder: Path, seed: int = 6) -> Path:
                                  fusion_hidden_size=16, head_hidden_size=8, patch_size=14)
     torch.manual_seed(seed)
     DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                      do_pad=False).save_pretrained(folder)
+    pil_image_processor("DPTImageProcessor")(size={"height": 56, "width": 56}, keep_aspect_ratio=True,
+                                             ensure_multiple_of=14, do_pad=False).save_pretrained(folder)
     return folder

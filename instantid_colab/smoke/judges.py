@@ -34,7 +34,7 @@ def write_clip(folder: Path, sizes: dict = TINY_CLIP, seed: int = 8, dtype: torc
     above 0, as with a trained CLIP, instead of random signs clipped to 0); what they say is still noise."""
     from transformers import CLIPConfig, CLIPModel
 
-    from instantid_colab.bench.judges import clip_image_processor
+    from instantid_colab.components import pil_image_processor
     from instantid_colab.smoke.diffusion import write_tokenizer
 
     vocab_size = write_tokenizer(folder, pad_token="<|endoftext|>")
@@ -53,7 +53,7 @@ def write_clip(folder: Path, sizes: dict = TINY_CLIP, seed: int = 8, dtype: torc
             model.text_model.final_layer_norm.bias.fill_(shared_bias)
     model.to(dtype).save_pretrained(folder)
     side = sizes["vision"]["image_size"]
-    clip_image_processor()(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(folder)
+    pil_image_processor("CLIPImageProcessor")(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(folder)
     return folder
 
 
