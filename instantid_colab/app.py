@@ -8,13 +8,19 @@ gradio accepts them (`_accepted`), so one file serves the versions Colab has shi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
-import contextvars
+import os
 import queue
 import random
 import secrets
+import shutil
+import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -24,6 +30,7 @@ from PIL import Image
 
 from instantid_colab import (controls, environment, images, loras, memory, people, pipeline, refine, schedulers,
                              settings, speed, styles)
+from instantid_colab.gpu_line import LINE_LIMIT, Busy, GpuLine, Turn
 from instantid_colab.smoke import SMOKE_LABEL
 from instantid_colab.weights import DamagedWeightsError, MissingWeightsError
 
@@ -36,12 +43,36 @@ SCHEDULER_CHOICES = (SPEED_SCHEDULER, *(name for name in schedulers.SCHEDULERS i
 MAX_SEED = 2**32 - 1
 MAX_UPLOAD_FILE = "25mb"
 MEMORY_REFRESH_S = 3.0
-PREVIEW_POLL_S = 0.2  # how often the page's generator looks for a new preview
+# Uploads and pictures gradio keeps for the page (its temporary files): swept every CACHE_SWEEP_S, each deleted once
+# CACHE_AGE_S old, all of them when the app closes. Half an hour is long enough to download what was made.
+CACHE_SWEEP_S, CACHE_AGE_S = 300, 1800
+_OWN_CACHE: dict[str, Path] = {}  # the temporary folder launch() gave gradio, while one is in use
+HEARTBEAT_S = 0.5  # a waiting or running handler yields at least this often: new previews, its place in line, and
+# a chance for gradio to notice a closed page and close the handler (which gives its place up)
 logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
     """A user input the app refuses, with the message shown on the page."""
+
+
+class PortInUse(ValueError):
+    """The port asked for is taken; the message says what to do (exit 1, not our bug)."""
+
+    def __init__(self, port: int):
+        super().__init__(f"port {port} is in use (another app, or this one started earlier): choose another with "
+                         "--port N, or leave --port out for the next free one")
+
+
+def check_port_free(port: int) -> None:
+    """PortInUse when nothing can listen on `port` here (gradio's own check, done before the models load)."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise PortInUse(port) from None
 
 
 class Launched(NamedTuple):
@@ -51,6 +82,7 @@ class Launched(NamedTuple):
     local_url: str
     share_url: str | None
     login: tuple[str, str] | None = None  # what the share link asks for (None: a local address, or --no-auth)
+    cache: Path | None = None  # the app's own temporary folder (None: the GRADIO_TEMP_DIR you chose)
 
 
 def parse_size(text: str) -> tuple[int, int] | None:
@@ -64,7 +96,7 @@ def parse_size(text: str) -> tuple[int, int] | None:
     if text in settings.SIZE_PRESETS:
         return settings.SIZE_PRESETS[text]
     parts = text.lower().replace("×", "x").replace(" ", "").split("x")
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+    if len(parts) != 2 or not all(part.isdecimal() for part in parts):  # "²" is a digit int() cannot read
         raise InputError(f"output size {text!r} is not WIDTHxHEIGHT (for example 832x1216) or a preset")
     width, height = int(parts[0]), int(parts[1])
     try:
@@ -169,7 +201,7 @@ def page_loras(text: str, files, scale) -> list[loras.Lora]:
     return typed + [loras.Lora(str(path), scale) for path in files or ()]
 
 
-def page_people(paths: list, order: str) -> tuple[list[people.Person], list[int] | None]:
+def page_people(paths: list, order: str, has_layout: bool) -> tuple[list[people.Person], list[int] | None]:
     """The People section: one photo per person, 2 to 4 of them, and the optional order; none given: ([], None)."""
     paths = [path for path in paths if path]
     if not paths:
@@ -178,7 +210,7 @@ def page_people(paths: list, order: str) -> tuple[list[people.Person], list[int]
         raise InputError("People: give photos of 2 to 4 people (for one person, use the face photo above)")
     chosen = [people.Person((check_image_file(path, f"photo of person {index}"),)) for index, path in enumerate(paths, 1)]
     ordered = people.parse_order(order, len(chosen))
-    return people.check_people(chosen, ordered), ordered
+    return people.check_people(chosen, ordered, has_layout), ordered
 
 
 def _captions(result: pipeline.GenerationResult, index: int) -> str:
@@ -200,25 +232,51 @@ def _internal_error(error: Exception, what: str) -> gr.Error:
                     "traceback is in the notebook/console output: please report it.")
 
 
-def _generate_handler(session: pipeline.InstantIDSession, stop_requested: threading.Event | None = None) -> Callable:
-    """The click handler: validate, call `pipeline.generate`, turn its result into page outputs.
+def _waiting(line: GpuLine, turn: Turn) -> Iterator[str]:
+    """Until `turn` is first in line: a line for the page every HEARTBEAT_S (how many are ahead). Each yield lets
+    gradio notice a closed page and close this generator, which gives the place up."""
+    while not line.wait(turn, HEARTBEAT_S):
+        if turn.stop.is_set():
+            return
+        yield f"Waiting for the GPU: {line.ahead(turn)} ahead of you."
 
-    `stop_requested` is the Stop button's flag: checked between denoising steps, cleared at each start.
+
+def _beside(make: Callable[[], Any], turn: Turn, previews: queue.Queue, shown: Callable[[Any], tuple]) -> Iterator:
+    """Run `make` in a worker (in this context, so gr.Progress reaches the page), yielding `shown(preview)` for each
+    preview as it comes and `shown(None)` every HEARTBEAT_S; returns what `make` returned. Closed early (the page
+    went away: gradio closes the generator at a yield), the run is stopped at its next step before the worker ends."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as worker:
+        job = worker.submit(contextvars.copy_context().run, make)
+        try:
+            while not job.done() or not previews.empty():
+                try:
+                    yield shown(previews.get(timeout=HEARTBEAT_S))
+                except queue.Empty:
+                    yield shown(None)
+        except GeneratorExit:
+            turn.stop.set()
+            raise
+    return job.result()
+
+
+def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None = None) -> Callable:
+    """The click handler: validate, take a turn in the GPU line, call `pipeline.generate`, show the result.
+
+    `line`: the GPU line every person of the app shares (a turn's Stop flag is what that person's Stop sets).
     Every failure becomes a message on the page; the session stays loaded for the next click.
     """
-    stop_requested = stop_requested or threading.Event()
+    line = GpuLine() if line is None else line  # (an empty line is falsy: it has a length)
 
     def run(face_path, extra_face_files, combine, pose_path, prompt, negative_prompt, style, identitynet_strength,
             adapter_strength, steps, guidance_scale, scheduler, seed, randomize_seed, enhance_non_face, negative_noise,
             speed_mode, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None,
             init_strength=0.8, person_1=None, person_2=None, person_3=None, person_4=None, order="", refine_on=False,
-            refine_strength=refine.REFINE_STRENGTH, guidance_from=0.0, guidance_to=1.0, live_preview=False,
-            progress=gr.Progress(), **control_values):
-        """A generator: while the image is made, TAESDXL previews (live_preview); then the results."""
-        stop_requested.clear()
-        unchanged = (gr.update(),) * 6
+            refine_strength=settings.REFINE_STRENGTH, guidance_from=0.0, guidance_to=1.0, live_preview=False,
+            progress=gr.Progress(), browser: str | None = None, **control_values):
+        """A generator: its place in line while it waits, TAESDXL previews (live_preview), then the results."""
+        unchanged = (gr.update(),) * 4
         try:
-            cast, order = page_people([person_1, person_2, person_3, person_4], order)
+            cast, order = page_people([person_1, person_2, person_3, person_4], order, bool(pose_path))
             if not face_path and not cast:
                 raise InputError("upload a face photo first (a clear, front-facing photo works best), or photos of "
                                  "2 to 4 people under People")
@@ -230,51 +288,56 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
             width, height = parse_size(size) or (None, None)
             seed = random.randint(0, MAX_SEED) if randomize_seed else seed
             preset = speed.preset(speed_mode)
+            turn = line.join(browser or secrets.token_hex(8))
+        except Busy as error:
+            raise gr.Error(str(error)) from None
+        except USER_ERRORS as error:
+            raise gr.Error(str(error)) from error
+        frames: queue.Queue = queue.Queue()
+
+        def report_step(step: int, total: int) -> None:
+            progress((step, total), desc=f"denoising step {step}/{total}")
+
+        def make() -> pipeline.GenerationResult:
+            made = pipeline.generate(
+                session, face, prompt or "", negative_prompt=negative_prompt or None, style=style,
+                identitynet_strength=identitynet_strength, adapter_strength=adapter_strength, steps=steps,
+                guidance_scale=guidance_scale, seed=seed, width=width, height=height,
+                scheduler=None if scheduler == SPEED_SCHEDULER else scheduler, num_images=num_images,
+                pose_image=pose, enhance_non_face=enhance_non_face, negative_noise=negative_noise,
+                combine=combine, speed=speed_mode, extra_face_images=extra_faces, controls=chosen,
+                loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
+                init_strength=init_strength, people=cast, order=order,
+                guidance_interval=None if (guidance_from, guidance_to) == (0, 1) else (guidance_from, guidance_to),
+                preview=(lambda step, total, image: frames.put(image)) if live_preview else None,
+                callback=report_step, should_stop=turn.stop.is_set,
+            )
+            if refine_on:
+                progress(0, desc="refining faces")
+                refine.refine_faces(session, made, refine_strength, face_image=face,
+                                    extra_face_images=extra_faces, people=cast)
+            return made
+
+        try:
+            for place in _waiting(line, turn):
+                yield (*unchanged, place, gr.update(), gr.update())
+            if turn.stop.is_set():
+                yield (*unchanged, "Stopped before it started; nothing was made.", gr.update(), gr.update())
+                return
             if preset.lora:
                 progress(0, desc=f"{preset.name}: its LoRA loads the first time it is used")
-            frames: queue.Queue = queue.Queue()
-
-            def report_step(step: int, total: int) -> None:
-                progress((step, total), desc=f"denoising step {step}/{total}")
-
-            def make() -> pipeline.GenerationResult:
-                made = pipeline.generate(
-                    session, face, prompt or "", negative_prompt=negative_prompt or None, style=style,
-                    identitynet_strength=identitynet_strength, adapter_strength=adapter_strength, steps=steps,
-                    guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                    scheduler=None if scheduler == SPEED_SCHEDULER else scheduler, num_images=num_images,
-                    pose_image=pose, enhance_non_face=enhance_non_face, negative_noise=negative_noise,
-                    combine=combine, speed=speed_mode, extra_face_images=extra_faces, controls=chosen,
-                    loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
-                    init_strength=init_strength, people=cast, order=order,
-                    guidance_interval=None if (guidance_from, guidance_to) == (0, 1) else (guidance_from, guidance_to),
-                    preview=(lambda step, total, image: frames.put(image)) if live_preview else None,
-                    callback=report_step, should_stop=stop_requested.is_set,
-                )
-                if refine_on:
-                    progress(0, desc="refining faces")
-                    refine.refine_faces(session, made, refine_strength, face_image=face,
-                                        extra_face_images=extra_faces, people=cast)
-                return made
-
-            # The image is made beside this generator (in its context, so progress reaches the page), which
-            # hands each preview to the page as it comes.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as worker:
-                job = worker.submit(contextvars.copy_context().run, make)
-                while not job.done() or not frames.empty():
-                    try:
-                        yield (*unchanged, frames.get(timeout=PREVIEW_POLL_S))
-                    except queue.Empty:
-                        continue
-                result = job.result()
+            result = yield from _beside(make, turn, frames, lambda frame: (
+                *unchanged, "", gr.update(), gr.update() if frame is None else frame))
         except pipeline.GenerationStopped as stopped:
-            message = f"Stopped ({stopped}); nothing was made. Press Generate to start again."
-            yield gr.update(), gr.update(), gr.update(), gr.update(), message, gr.update(), gr.update()
+            yield (*unchanged, f"Stopped ({stopped}); nothing was made. Press Generate to start again.", gr.update(),
+                   gr.update())
             return
         except USER_ERRORS as error:
             raise gr.Error(str(error)) from error
         except Exception as error:
             raise _internal_error(error, "generation") from error
+        finally:
+            line.leave(turn)
         for notice in result.notices:
             gr.Warning(notice)
         gallery = [(result.images[index], _captions(result, index)) for index in result.best_first()]
@@ -287,30 +350,41 @@ def _generate_handler(session: pipeline.InstantIDSession, stop_requested: thread
     return run
 
 
-def _swap_handler(session: pipeline.InstantIDSession) -> Callable:
-    """The Face swap tab's click: both photos checked, `refine.swap`, the photo and a caption back."""
+def _swap_handler(session: pipeline.InstantIDSession, line: GpuLine | None = None) -> Callable:
+    """The Face swap tab's click: both photos checked, a turn in the GPU line, `refine.swap`, the photo back."""
+    line = GpuLine() if line is None else line  # (an empty line is falsy: it has a length)
 
-    def run(target_path, face_path, which, strength, prompt, seed, progress=gr.Progress()):
+    def run(target_path, face_path, which, strength, prompt, seed, progress=gr.Progress(), browser: str | None = None):
         try:
             if not target_path or not face_path:
                 raise InputError("Face swap: give the photo to change and a photo of the person")
             target = check_image_file(target_path, "target photo", max_side=None)
             face = check_image_file(face_path, "face photo")
+            turn = line.join(browser or secrets.token_hex(8))
+        except USER_ERRORS + (Busy,) as error:
+            raise gr.Error(str(error)) from None
+        try:
+            for place in _waiting(line, turn):
+                yield gr.update(), place
+            if turn.stop.is_set():
+                yield gr.update(), "Stopped before it started; nothing was made."
+                return
             progress(0, desc="swapping the face")
-            result = refine.swap(session, target, face, which=int(which) or None, strength=strength, prompt=prompt or "",
-                                 seed=int(seed))
+            result = refine.swap(session, target, face, which=int(which) or None, strength=strength,
+                                 prompt=prompt or "", seed=int(seed))
         except USER_ERRORS as error:
             raise gr.Error(str(error)) from error
         except Exception as error:
             raise _internal_error(error, "face swap") from error
-        caption = (f"{result.label + ' · ' if result.label else ''}face at {result.face_box} · strength "
-                   f"{result.strength} · seed {result.seed} · {result.likeness.render()}")
-        return result.image, caption
+        finally:
+            line.leave(turn)
+        yield result.image, (f"{result.label + ' · ' if result.label else ''}face at {result.face_box} · strength "
+                             f"{result.strength} · seed {result.seed} · {result.likeness.render()}")
 
     return run
 
 
-def _swap_tab(session: pipeline.InstantIDSession) -> None:
+def _swap_tab(session: pipeline.InstantIDSession, line: GpuLine) -> None:
     """Put a person into a photo: the photo stays, one face gets the person's identity."""
     gr.Markdown("The photo stays as it is; one of its faces (the largest, or the n-th from the left) is made again "
                 "with the identity of the person in the face photo. Only the face's crop is generated, so a photo "
@@ -332,17 +406,18 @@ def _swap_tab(session: pipeline.InstantIDSession) -> None:
             result = gr.Image(label="Result", type="pil", interactive=False, elem_id="swap-result",
                               **_accepted(gr.Image.__init__, format="png"))
             caption = gr.Markdown(elem_id="swap-caption")
-    button.click(_swap_handler(session), inputs=[target, face, which, strength, prompt, seed], outputs=[result, caption],
-                 **_accepted(button.click, concurrency_limit=1, concurrency_id="gpu"))
+    handler = _swap_handler(session, line)
+
+    def on_swap(target, face, which, strength, prompt, seed, request: gr.Request, progress=gr.Progress()):
+        yield from handler(target, face, which, strength, prompt, seed, progress=progress, browser=_browser(request))
+
+    button.click(on_swap, inputs=[target, face, which, strength, prompt, seed], outputs=[result, caption],
+                 **_accepted(button.click, concurrency_limit=None))
 
 
-def _by_name(handler: Callable, named: dict[str, Any]) -> Callable:
-    """Gradio hands a set of inputs over as one {component: value} dict; the handler takes them by name."""
-
-    def on_click(values: dict, progress=gr.Progress()):
-        yield from handler(**{name: values[component] for name, component in named.items()}, progress=progress)
-
-    return on_click
+def _browser(request: gr.Request | None) -> str:
+    """Whose click this is: gradio's session of one browser tab (or one client); a fresh one without a request."""
+    return getattr(request, "session_hash", None) or secrets.token_hex(8)
 
 
 def _people_section() -> dict[str, Any]:
@@ -411,192 +486,227 @@ def _likeness_help() -> None:
         gr.Markdown(LIKENESS_HELP)
 
 
-def build_app(session: pipeline.InstantIDSession) -> gr.Blocks:
-    """The page: inputs on the left, results and the live memory panel on the right."""
+def _header(session: pipeline.InstantIDSession) -> None:
+    """The smoke banner (tiny random models) and what the page does."""
+    if session.smoke:
+        gr.HTML(
+            '<div id="smoke-banner" style="background:#fde68a;color:#78350f;padding:10px;border-radius:6px;'
+            f'font-weight:600">{SMOKE_LABEL}: this app runs tiny random models to test the page. '
+            "Its images are noise, not portraits.</div>"
+        )
+    gr.Markdown(
+        "## InstantID: a new picture of a person from one photo\n"
+        "Upload a clear face photo, describe the picture, press **Generate**. "
+        "Raise both strengths for more likeness; if colours look burnt, lower the adapter strength first. "
+        f"Everyone using this page shares one GPU: pictures are made one at a time, at most {LINE_LIMIT} in line."
+    )
+
+
+def _main_inputs(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The photos, prompt, style, strengths, speed and seed; returns them by handler name."""
+    named = {}
+    named["face_path"] = gr.Image(
+        label="Face photo", type="filepath", height=280, elem_id="face-image",
+        **_accepted(gr.Image.__init__, image_mode=None, sources=["upload", "webcam", "clipboard"]))
+    named["pose_path"] = gr.Image(
+        label="Pose image (optional): the face position and picture size are taken from it", type="filepath",
+        height=200, elem_id="pose-image", **_accepted(gr.Image.__init__, image_mode=None))
+    named["prompt"] = gr.Textbox(label="Prompt", placeholder=pipeline.DEFAULT_PROMPT, elem_id="prompt")
+    named["style"] = gr.Dropdown(list(styles.STYLES), value=defaults["style"], label="Style", elem_id="style")
+    named["identitynet_strength"] = gr.Slider(*_range("identitynet_strength"), value=defaults["identitynet_strength"],
+                                              step=0.05, label="IdentityNet strength (for fidelity)",
+                                              elem_id="identitynet")
+    named["adapter_strength"] = gr.Slider(*_range("adapter_strength"), value=defaults["adapter_strength"], step=0.05,
+                                          label="Image adapter strength (for detail)", elem_id="adapter")
+    named["speed_mode"] = gr.Dropdown(
+        list(speed.SPEEDS), value=speed.DEFAULT_SPEED, label="Speed", elem_id="speed",
+        info="quality: 30 steps; lcm, lightning, hyper, dmd2 and tcd: 4-8 steps with a distilled LoRA (loaded the "
+             "first time it is used)")
+    named["live_preview"] = gr.Checkbox(False, label="Live preview", elem_id="live-preview",
+                                        info=f"a quick picture of the image forming, every {speed.PREVIEW_EVERY} "
+                                             "steps (TAESDXL)")
+    with gr.Row():
+        named["refine_on"] = gr.Checkbox(False, label="Refine face", elem_id="refine-on",
+                                         info="after the image, make each face again at full resolution through a "
+                                              "1024 crop (at strength 0.4 about half the image's time)")
+        named["refine_strength"] = gr.Slider(*_range("refine_strength"), value=settings.REFINE_STRENGTH, step=0.05,
+                                             label="Refine strength", elem_id="refine-strength")
+    with gr.Row():
+        named["seed"] = gr.Number(defaults["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED,
+                                  elem_id="seed")
+        named["randomize_seed"] = gr.Checkbox(True, label="Randomize seed", elem_id="randomize-seed")
+    return named
+
+
+def _advanced(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The collapsed Advanced section: negative prompt, steps, guidance and its interval, sampler, size, count,
+    the face region, noise injection, more photos of the person and how they combine."""
+    named = {}
+    quality = speed.SPEEDS[speed.DEFAULT_SPEED]
+    with gr.Accordion("Advanced", open=False):
+        named["negative_prompt"] = gr.Textbox(label="Negative prompt", placeholder="the style adds its own negative")
+        named["steps"] = gr.Slider(*_range("steps"), value=quality.steps, step=1, label="Steps", elem_id="steps")
+        named["guidance_scale"] = gr.Slider(*_range("guidance_scale"), value=quality.guidance_scale, step=0.1,
+                                            label="Guidance", elem_id="guidance")
+        with gr.Row():
+            named["guidance_from"] = gr.Slider(*_range("guidance_interval"), value=0.0, step=0.01,
+                                               label="Guidance from (fraction of the steps)", elem_id="guidance-from")
+            named["guidance_to"] = gr.Slider(*_range("guidance_interval"), value=1.0, step=0.01, label="to",
+                                             elem_id="guidance-to",
+                                             info="outside, the unconditional half is not computed (faster)")
+        named["scheduler"] = gr.Dropdown(list(SCHEDULER_CHOICES), value=SPEED_SCHEDULER, label="Scheduler")
+        named["size"] = gr.Dropdown(
+            list(SIZE_CHOICES), value=AUTO_SIZE, allow_custom_value=True, label="Output size", elem_id="size",
+            info="Auto follows the photo (the official rule: short side 1024, long side at most 1280). Or type "
+                 "WIDTHxHEIGHT (multiples of 64).")
+        named["num_images"] = gr.Slider(1, 4, value=defaults["num_images"], step=1, label="Number of images")
+        named["enhance_non_face"] = gr.Checkbox(
+            defaults["enhance_non_face"], label="Enhance non-face region",
+            info="IdentityNet and the adapter act only inside the face box; the prompt paints the rest")
+        named["negative_noise"] = gr.Slider(
+            *_range("negative_noise"), value=defaults["negative_noise"], step=0.05, label="Noise injection",
+            info="Noise in the negative face embedding against burnt colours; ComfyUI_InstantID uses 0.35")
+        named["extra_face_files"] = gr.File(label="More photos of the same person (optional)", file_count="multiple",
+                                            file_types=["image"])
+        named["combine"] = gr.Dropdown([(mode.replace("_", " "), mode) for mode in settings.COMBINE_MODES],
+                                       value=defaults["combine"], label="Combine several faces")
+    return named
+
+
+def _style_and_start_photo(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The collapsed Style LoRAs and Start-from-a-photo sections."""
+    named = {}
+    with gr.Accordion("Style LoRAs", open=False):
+        named["lora_text"] = gr.Textbox(
+            label="LoRAs, one per line: a hub id (owner/name or owner/name/file.safetensors) or a file path, "
+                  "optionally :scale", lines=2, placeholder="owner/sdxl-style-lora:0.8", elem_id="lora-text")
+        named["lora_files"] = gr.File(label="or upload SDXL LoRA files", file_count="multiple",
+                                      file_types=[".safetensors"], elem_id="lora-files")
+        named["lora_scale"] = gr.Slider(*_range("lora_scale"), value=1.0, step=0.05, label="Scale of uploaded LoRAs")
+    with gr.Accordion("Start from a photo (img2img)", open=False):
+        named["init_path"] = gr.Image(label="Start photo: its composition and colours are kept, the face comes from "
+                                            "the face photo", type="filepath", height=200, elem_id="init-image",
+                                      **_accepted(gr.Image.__init__, image_mode=None))
+        named["init_strength"] = gr.Slider(*_range("init_strength"), value=defaults["init_strength"], step=0.05,
+                                           label="How much of it is repainted (1: all of it)", elem_id="init-strength")
+    return named
+
+
+def _results(session: pipeline.InstantIDSession) -> dict[str, Any]:
+    """The right column: pictures, preview, notices (also the place in line), settings, keypoints, the maps the
+    ControlNets saw, the memory panel and how to read the likeness."""
+    named = {}
+    named["gallery"] = gr.Gallery(
+        label="Images", columns=2, height=520, elem_id="gallery",
+        **_accepted(gr.Gallery.__init__, format="png",  # PNG keeps the settings and seed the core writes into info
+                    buttons=["download", "download_all", "fullscreen"], show_download_button=True,
+                    show_share_button=False))
+    named["preview"] = gr.Image(label="Preview (TAESDXL, while the image forms)", type="pil", interactive=False,
+                                height=256, elem_id="preview")
+    named["notices"] = gr.Markdown(elem_id="notices")
+    named["settings"] = gr.Markdown(elem_id="settings")
+    named["kps"] = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
+    named["maps"] = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
+                               elem_id="control-maps")
+    named["memory"] = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
+    _likeness_help()
+    return named
+
+
+def _wire(app: gr.Blocks, session: pipeline.InstantIDSession, line: GpuLine, inputs: dict[str, Any],
+          buttons: dict[str, Any], outputs: dict[str, Any]) -> None:
+    """Generate takes a turn in the GPU line (not gradio's queue, so each person sees their own place and Stop
+    reaches only their own run); Stop, the speed switch and the memory panel run at once, outside any queue."""
+    def on_generate(*values_and_request, progress=gr.Progress()):
+        *values, request = values_and_request
+        yield from handler(**dict(zip(inputs, values)), progress=progress, browser=_browser(request))
+
+    # One named parameter per input, defaulting to the page's own value: the API that gradio_client sees (`/generate`,
+    # call it with only what differs from the page). gradio finds the request by its type hint.
+    on_generate.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=component.value)
+         for name, component in inputs.items()]
+        + [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+           inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+    on_generate.__annotations__ = {"request": gr.Request}
+    handler = _generate_handler(session, line)
+    buttons["generate"].click(
+        on_generate, inputs=list(inputs.values()), api_name="generate",
+        outputs=[outputs[name] for name in ("gallery", "seed", "settings", "kps", "notices", "maps", "preview")],
+        **_accepted(buttons["generate"].click, concurrency_limit=None))
+    def on_stop(request: gr.Request) -> None:
+        line.stop(_browser(request))
+
+    buttons["stop"].click(on_stop, queue=False, api_name="stop")
+    inputs["speed_mode"].change(_speed_switch, inputs=inputs["speed_mode"],
+                                outputs=[inputs["steps"], inputs["guidance_scale"]], queue=False)
+
+    def refresh() -> str:
+        placements = [placement for placement, _ in session.controlnets.loaded.values()]
+        return render_memory(session.plan, session.smoke, placements)  # an OOM retry changes the plan
+
+    if hasattr(gr, "Timer"):
+        gr.Timer(MEMORY_REFRESH_S).tick(refresh, outputs=outputs["memory"], queue=False, show_progress="hidden")
+    else:
+        app.load(refresh, outputs=outputs["memory"], every=MEMORY_REFRESH_S)
+
+
+def build_app(session: pipeline.InstantIDSession, line: GpuLine | None = None) -> gr.Blocks:
+    """The page: inputs on the left, results and the live memory panel on the right, one GPU line for everyone."""
+    line = GpuLine() if line is None else line  # (an empty line is falsy: it has a length)
     defaults = _core_defaults()
     with gr.Blocks(**_accepted(gr.Blocks.__init__, title="InstantID on Colab", analytics_enabled=False)) as app:
-        if session.smoke:
-            gr.HTML(
-                '<div id="smoke-banner" style="background:#fde68a;color:#78350f;padding:10px;border-radius:6px;'
-                f'font-weight:600">{SMOKE_LABEL}: this app runs tiny random models to test the page. '
-                "Its images are noise, not portraits.</div>"
-            )
-        gr.Markdown(
-            "## InstantID: a new picture of a person from one photo\n"
-            "Upload a clear face photo, describe the picture, press **Generate**. "
-            "Raise both strengths for more likeness; if colours look burnt, lower the adapter strength first."
-        )
+        _header(session)
         with gr.Tab("Generate", elem_id="generate-tab"):
             with gr.Row():
                 with gr.Column():
-                    face = gr.Image(
-                        label="Face photo",
-                        type="filepath",
-                        height=280,
-                        elem_id="face-image",
-                        **_accepted(gr.Image.__init__, image_mode=None, sources=["upload", "webcam", "clipboard"]),
-                    )
-                    pose = gr.Image(
-                        label="Pose image (optional): the face position and picture size are taken from it",
-                        type="filepath",
-                        height=200,
-                        elem_id="pose-image",
-                        **_accepted(gr.Image.__init__, image_mode=None),
-                    )
-                    prompt = gr.Textbox(label="Prompt", placeholder=pipeline.DEFAULT_PROMPT, elem_id="prompt")
-                    style = gr.Dropdown(list(styles.STYLES), value=defaults["style"], label="Style", elem_id="style")
-                    identitynet = gr.Slider(
-                        *_range("identitynet_strength"),
-                        value=defaults["identitynet_strength"],
-                        step=0.05,
-                        label="IdentityNet strength (for fidelity)",
-                        elem_id="identitynet",
-                    )
-                    adapter = gr.Slider(
-                        *_range("adapter_strength"),
-                        value=defaults["adapter_strength"],
-                        step=0.05,
-                        label="Image adapter strength (for detail)",
-                        elem_id="adapter",
-                    )
-                    speed_mode = gr.Dropdown(
-                        list(speed.SPEEDS), value=speed.DEFAULT_SPEED, label="Speed", elem_id="speed",
-                        info="quality: 30 steps; lcm, lightning, hyper, dmd2 and tcd: 4-8 steps with a distilled "
-                             "LoRA (loaded the first time it is used)")
-                    live_preview = gr.Checkbox(False, label="Live preview", elem_id="live-preview",
-                                               info=f"a quick picture of the image forming, every {speed.PREVIEW_EVERY} "
-                                                    "steps (TAESDXL)")
+                    inputs = _main_inputs(defaults)
                     with gr.Row():
-                        refine_on = gr.Checkbox(False, label="Refine face", elem_id="refine-on",
-                                                info="after the image, make each face again at full resolution "
-                                                     "through a 1024 crop (at strength 0.4 about half the image's time)")
-                        refine_strength = gr.Slider(*_range("refine_strength"), value=refine.REFINE_STRENGTH, step=0.05,
-                                                    label="Refine strength", elem_id="refine-strength")
-                    with gr.Row():
-                        seed = gr.Number(
-                            defaults["seed"], label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
-                        )
-                        randomize_seed = gr.Checkbox(True, label="Randomize seed", elem_id="randomize-seed")
-                    with gr.Row():
-                        generate = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
-                        stop = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
-                    with gr.Accordion("Advanced", open=False):
-                        negative = gr.Textbox(label="Negative prompt", placeholder="the style adds its own negative")
-                        steps = gr.Slider(*_range("steps"), value=speed.SPEEDS[speed.DEFAULT_SPEED].steps, step=1, label="Steps",
-                                          elem_id="steps")
-                        guidance = gr.Slider(*_range("guidance_scale"), value=speed.SPEEDS[speed.DEFAULT_SPEED].guidance_scale,
-                                             step=0.1, label="Guidance", elem_id="guidance")
-                        with gr.Row():
-                            guidance_from = gr.Slider(*_range("guidance_interval"), value=0.0, step=0.01,
-                                                      label="Guidance from (fraction of the steps)",
-                                                      elem_id="guidance-from")
-                            guidance_to = gr.Slider(*_range("guidance_interval"), value=1.0, step=0.01, label="to",
-                                                    elem_id="guidance-to",
-                                                    info="outside, the unconditional half is not computed (faster)")
-                        scheduler = gr.Dropdown(list(SCHEDULER_CHOICES), value=SPEED_SCHEDULER, label="Scheduler")
-                        size = gr.Dropdown(
-                            list(SIZE_CHOICES),
-                            value=AUTO_SIZE,
-                            allow_custom_value=True,
-                            label="Output size",
-                            info="Auto follows the photo (the official rule: short side 1024, long side at most 1280). "
-                            "Or type WIDTHxHEIGHT (multiples of 64).",
-                            elem_id="size",
-                        )
-                        num_images = gr.Slider(1, 4, value=defaults["num_images"], step=1, label="Number of images")
-                        enhance = gr.Checkbox(
-                            defaults["enhance_non_face"],
-                            label="Enhance non-face region",
-                            info="IdentityNet and the adapter act only inside the face box; the prompt paints the rest",
-                        )
-                        noise = gr.Slider(
-                            *_range("negative_noise"),
-                            value=defaults["negative_noise"],
-                            step=0.05,
-                            label="Noise injection",
-                            info="Noise in the negative face embedding against burnt colours; ComfyUI_InstantID uses 0.35",
-                        )
-                        extra_faces = gr.File(
-                            label="More photos of the same person (optional)",
-                            file_count="multiple",
-                            file_types=["image"],
-                        )
-                        combine = gr.Dropdown(
-                            [(mode.replace("_", " "), mode) for mode in settings.COMBINE_MODES],
-                            value=defaults["combine"],
-                            label="Combine several faces",
-                        )
-                    people_inputs = _people_section()
-                    control_inputs = _control_sections()
-                    with gr.Accordion("Style LoRAs", open=False):
-                        lora_text = gr.Textbox(
-                            label="LoRAs, one per line: a hub id (owner/name or owner/name/file.safetensors) or a file "
-                                  "path, optionally :scale", lines=2, placeholder="owner/sdxl-style-lora:0.8", elem_id="lora-text")
-                        lora_files = gr.File(label="or upload SDXL LoRA files", file_count="multiple",
-                                             file_types=[".safetensors"], elem_id="lora-files")
-                        lora_scale = gr.Slider(*_range("lora_scale"), value=1.0, step=0.05, label="Scale of uploaded LoRAs")
-                    with gr.Accordion("Start from a photo (img2img)", open=False):
-                        init = gr.Image(label="Start photo: its composition and colours are kept, the face comes from "
-                                              "the face photo", type="filepath", height=200, elem_id="init-image",
-                                        **_accepted(gr.Image.__init__, image_mode=None))
-                        init_strength = gr.Slider(*_range("init_strength"), value=defaults["init_strength"], step=0.05,
-                                                  label="How much of it is repainted (1: all of it)", elem_id="init-strength")
+                        buttons = {"generate": gr.Button("Generate", variant="primary", elem_id="generate", scale=3),
+                                   "stop": gr.Button("Stop", variant="stop", elem_id="stop", scale=1)}
+                    inputs |= _advanced(defaults) | _people_section() | _control_sections()
+                    inputs |= _style_and_start_photo(defaults)
                 with gr.Column():
-                    gallery = gr.Gallery(
-                        label="Images",
-                        columns=2,
-                        height=520,
-                        elem_id="gallery",
-                        **_accepted(
-                            gr.Gallery.__init__,
-                            format="png",  # PNG keeps the settings and seed the core writes into image.info
-                            buttons=["download", "download_all", "fullscreen"],
-                            show_download_button=True,
-                            show_share_button=False,
-                        ),
-                    )
-                    preview = gr.Image(label="Preview (TAESDXL, while the image forms)", type="pil", interactive=False,
-                                       height=256, elem_id="preview")
-                    notices = gr.Markdown(elem_id="notices")
-                    settings_panel = gr.Markdown(elem_id="settings")
-                    kps = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
-                    maps = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
-                                      elem_id="control-maps")
-                    memory_panel = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
-                    _likeness_help()
-
+                    outputs = _results(session)
+        outputs["seed"] = inputs["seed"]
         with gr.Tab("Face swap", elem_id="swap-tab"):
-            _swap_tab(session)
-        named = dict(
-            face_path=face, extra_face_files=extra_faces, combine=combine, pose_path=pose, prompt=prompt,
-            negative_prompt=negative, style=style, identitynet_strength=identitynet, adapter_strength=adapter,
-            steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=seed, randomize_seed=randomize_seed,
-            enhance_non_face=enhance, negative_noise=noise, speed_mode=speed_mode, size=size, num_images=num_images,
-            lora_text=lora_text, lora_files=lora_files, lora_scale=lora_scale, init_path=init,
-            init_strength=init_strength, refine_on=refine_on, refine_strength=refine_strength,
-            guidance_from=guidance_from, guidance_to=guidance_to, live_preview=live_preview, **people_inputs,
-            **control_inputs,
-        )  # fmt: skip
-        stop_requested = threading.Event()
-        generate.click(
-            _by_name(_generate_handler(session, stop_requested), named),
-            inputs=set(named.values()),
-            outputs=[gallery, seed, settings_panel, kps, notices, maps, preview],
-            **_accepted(generate.click, concurrency_limit=1, concurrency_id="gpu"),
-        )
-        # Not queued: it must run while the generation holds the queue's only slot.
-        stop.click(stop_requested.set, queue=False)
-        speed_mode.change(_speed_switch, inputs=speed_mode, outputs=[steps, guidance], queue=False)
-
-        def refresh() -> str:
-            placements = [placement for placement, _ in session.controlnets.loaded.values()]
-            return render_memory(session.plan, session.smoke, placements)  # an OOM retry changes the plan
-
-        if hasattr(gr, "Timer"):
-            gr.Timer(MEMORY_REFRESH_S).tick(refresh, outputs=memory_panel, queue=False, show_progress="hidden")
-        else:
-            app.load(refresh, outputs=memory_panel, every=MEMORY_REFRESH_S)
+            _swap_tab(session, line)
+        _wire(app, session, line, inputs, buttons, outputs)
     return app
+
+def _own_cache() -> Path | None:
+    """A temporary folder of this app's own for gradio (GRADIO_TEMP_DIR), unless you chose one: gradio writes
+    every upload and every picture it shows there and deletes only the uploads (gradio 6 does not track the
+    pictures a handler returns), so the app sweeps its own folder (`_sweep`) and removes it when it closes."""
+    chosen = os.environ.get("GRADIO_TEMP_DIR")
+    if chosen and Path(chosen) != _OWN_CACHE.get("folder"):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="instantid-app-"))
+    _OWN_CACHE["folder"] = folder
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by gradio as it builds the page and as it serves files
+    return folder
+
+
+def _sweep(app: gr.Blocks, folder: Path) -> None:
+    """While the app runs, delete its temporary files older than CACHE_AGE_S every CACHE_SWEEP_S (ticking each
+    second to notice the close); once closed, the whole folder."""
+    swept = time.monotonic()
+    while app.is_running:
+        time.sleep(1)
+        if time.monotonic() - swept >= CACHE_SWEEP_S:
+            cutoff, swept = time.time() - CACHE_AGE_S, time.monotonic()
+            for path in folder.rglob("*"):
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_file() and path.stat().st_mtime < cutoff:
+                        path.unlink()
+    _remove_cache(folder)
+
+
+def _remove_cache(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    if _OWN_CACHE.get("folder") == folder:
+        del _OWN_CACHE["folder"]
+        os.environ.pop("GRADIO_TEMP_DIR", None)
 
 
 def launch(
@@ -607,6 +717,7 @@ def launch(
     block: bool = True,
     inline: bool | None = None,
     open_access: bool = False,
+    line: GpuLine | None = None,
 ) -> Launched:
     """Serve the app. `share=None`: a public link inside Colab, local elsewhere (decided here and passed
     to gradio, so gradio never opens a link on its own). `inline=None` lets gradio show it in a notebook's
@@ -618,25 +729,38 @@ def launch(
     """
     credentials = parse_auth(auth)
     share = environment.in_colab() if share is None else share
+    cache = _own_cache()
     made_up = share and credentials is None and not open_access
     if made_up:
         credentials = (f"user-{secrets.token_hex(3)}", secrets.token_urlsafe(12))
-    app = build_app(session)
+    app = build_app(session, line)
     app.queue(**_accepted(app.queue, default_concurrency_limit=1, max_size=32))
-    _, local_url, share_url = app.launch(
-        share=share,
-        auth=credentials if share else None,
-        server_port=port,
-        prevent_thread_lock=True,
-        show_error=True,
-        inline=inline,
-        **_accepted(app.launch, max_file_size=MAX_UPLOAD_FILE),
-    )
+    try:
+        _, local_url, share_url = app.launch(
+            share=share,
+            auth=credentials if share else None,
+            server_port=port,
+            prevent_thread_lock=True,
+            show_error=True,
+            inline=inline,
+            **_accepted(app.launch, max_file_size=MAX_UPLOAD_FILE),
+        )
+    except OSError as error:
+        if port is None or "port" not in str(error):
+            raise
+        raise PortInUse(port) from None
+    if share and share_url is None and credentials is not None:  # no tunnel: the local address still asks
+        print(f"The share link could not be made (gradio's share server did not answer); the app is served at "
+              f"{local_url} only, behind the login user {credentials[0]}, password {credentials[1]}.")
     if share_url and made_up:
         print(f"Share link {share_url}: log in as user {credentials[0]}, password {credentials[1]} (made for this "
               "run; choose your own with auth='user:password', CLI --auth USER:PASS, notebook APP_LOGIN).")
     elif share_url and credentials is None:
         print(f"Share link {share_url} has no login (--no-auth): anyone who sees it can use the app and your GPU time.")
+    if cache is not None:
+        threading.Thread(target=_sweep, args=(app, cache), name="app-cache-sweeper", daemon=True).start()
     if block:
-        app.block_thread()
-    return Launched(app, local_url, share_url, credentials if share else None)
+        app.block_thread()  # until Ctrl-C, which closes the app
+        if cache is not None:
+            _remove_cache(cache)  # here, not only in the sweeper: a daemon thread may not run at exit
+    return Launched(app, local_url, share_url, credentials if share else None, cache)

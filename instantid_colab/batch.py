@@ -1,8 +1,8 @@
 """Many images with one loaded pipeline: a manifest (CSV or JSONL) in, PNGs, `results.jsonl` and a contact sheet out.
 
 Resumable: a row is keyed by its content (the bytes of every picture it names and every setting), and
-a row whose key is already in `results.jsonl` is skipped, so running the same command again only
-makes what is missing, and an interruption loses at most the image in flight. Several processes
+a row whose key is already done in `results.jsonl` is skipped, so running the same command again only
+makes what is missing (failed rows are tried again), and an interruption loses at most the image in flight. Several processes
 (`accelerate launch`, one per GPU) share one manifest: each takes the next row that nobody holds by
 creating a claim file under a lock, so rows are split as fast as each GPU goes, none is made twice,
 and when a process dies the others take over its row (its claim names a process that no longer runs).
@@ -87,8 +87,15 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         dialect = csv.Sniffer().sniff(lines[0] if lines else "", delimiters=",;\t")
     except csv.Error:
         dialect = csv.excel
-    return [{key.strip(): value for key, value in row.items() if key is not None and value not in ("", None)}
-            for row in csv.DictReader(lines, dialect=dialect)]
+    reader = csv.DictReader(lines, dialect=dialect)
+    rows = list(reader)
+    header = len(reader.fieldnames or ())
+    longer = [f"row {number} has {header + len(row[None])} fields, the header {header}" for number, row in
+              enumerate(rows, 1) if None in row]
+    if longer:  # an unquoted delimiter inside a value: the fields after it would shift or be dropped
+        raise ManifestError(f"{path}: " + "; ".join(longer) + f". A value holding the separator "
+                            f"({dialect.delimiter!r}) must be in double quotes, e.g. \"a portrait, at night\"")
+    return [{key.strip(): value for key, value in row.items() if value not in ("", None)} for row in rows]
 
 
 def _items(value) -> list[str]:
@@ -99,15 +106,27 @@ def _items(value) -> list[str]:
     return [item.strip() for item in str(value).split(";") if item.strip()]
 
 
-def _flag(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise settings.SettingsError([f"{value!r} is not true or false"])
+def _as_in_a_csv(raw: dict[str, Any]) -> dict[str, Any]:
+    """A JSONL row's values with the meaning the same text has in a CSV cell: a number is its text where text is
+    expected, a JSON array is taken only where a column holds several values (or a pair), true/false only by the
+    true/false columns. SettingsError names every value of another type (a number where a pair is expected)."""
+    values, problems = {}, []
+    for column, value in raw.items():
+        several = column in LISTS or column == "guidance_interval"
+        plain_items = isinstance(value, list) and all(
+            isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value)
+        if isinstance(value, (dict, list)) and not (several and plain_items) or (
+                isinstance(value, bool) and column not in (*FLAGS, "refine_face")):
+            problems.append(f"{column} {json.dumps(value)} is not what the column holds ("
+                            f"{'a list or a text' if several else 'one value'}; see the README's 'Many images')")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and column in (*TEXTS, *PICTURES) \
+                and column != "guidance_interval":
+            values[column] = str(value)
+        else:
+            values[column] = value
+    if problems:
+        raise settings.SettingsError(problems)
+    return values
 
 
 def _relative(base: Path, text: str) -> str:
@@ -146,14 +165,15 @@ def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
     unknown = sorted(set(raw) - set(COLUMNS))
     if unknown:
         raise settings.SettingsError([f"unknown column(s) {', '.join(unknown)}; known: {', '.join(COLUMNS)}"])
+    raw = _as_in_a_csv(raw)
     values: dict[str, Any] = {name: raw[name] for name in (*TEXTS, *NUMBERS) if name in raw}
-    values.update({name: _flag(raw[name]) for name in FLAGS if name in raw})
+    values.update({name: settings.flag(name, raw[name]) for name in FLAGS if name in raw})
     digests: dict[str, Any] = {}
     if "people" in raw:  # several people: `A.jpg+A2.jpg;B.jpg`, optional person_masks and order
         if "face" in raw or "extra_faces" in raw:
             raise settings.SettingsError(["give face (one person) or people (2 to 4), not both"])
         values["people"], values["order"] = people.from_text(_items(raw["people"]), _items(raw.get("person_masks")),
-                                                             values.pop("order", None), base)
+                                                             values.pop("order", None), base, "pose" in raw)
         values["face_image"] = None
     elif "person_masks" in raw or "order" in raw:
         raise settings.SettingsError(["person_masks and order need a people column"])
@@ -198,8 +218,8 @@ def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
     plain = speed.with_preset(plain)
     if "guidance_interval" in plain:
         plain["guidance_interval"] = speed.parse_interval(plain["guidance_interval"])
-    if "refine_face" in plain:  # the refine pass's strength, run after the row's images are made
-        (plain["refine_face"],) = settings.check_arguments(refine_face=(plain["refine_face"], "refine_strength"))
+    if "refine_face" in plain:  # the refine pass's strength (true: the default), run after the row's images
+        plain["refine_face"] = settings.refine_strength(plain["refine_face"])
     checked_plain = settings.check({**plain, "init_image": values.get("init_image")})
     del checked_plain["init_image"]
     values.update(checked_plain)
@@ -248,9 +268,10 @@ class Claims:
         return True
 
     def take(self, rows: list[Row]) -> Row | None:
-        """The first row that is neither done nor held by a live process of this run (and mark it ours)."""
+        """The first row that is neither done, nor failed in this run, nor held by a live process of this run
+        (and mark it ours)."""
         with self.locked():
-            done = done_keys(self.out)
+            done = done_keys(self.out) | {line["key"] for line in results(self.out) if line.get("run") == self.run}
             for row in rows:
                 if row.key not in done and not self._held_by_someone_alive(row.key):
                     (self.out / "claims" / row.key).write_text(f"{self.run} {os.getpid()}")
@@ -277,7 +298,8 @@ def results(out: Path) -> list[dict[str, Any]]:
 
 
 def done_keys(out: Path) -> set[str]:
-    return {line["key"] for line in results(out) if "key" in line}
+    """The rows made: a failed row (its reason in its line) is tried again by the next run."""
+    return {line["key"] for line in results(out) if "key" in line and line.get("status") == "done"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +352,8 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
         while (row := claims.take(rows)) is not None:
             row_started = time.perf_counter()
             peak = _PeakVram(session.device)
-            line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "process": process,
-                                    "pid": os.getpid(), "device": device}
+            line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "run": claims.run,
+                                    "process": process, "pid": os.getpid(), "device": device}
             try:
                 result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
                 if row.values.get("refine_face"):
@@ -348,6 +370,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                         **peak.measured(),
                         identity_similarity=[likeness.similarity for likeness in result.likeness],
                         people_similarity=[[score.similarity for score in scores] for scores in result.people_likeness],
+                        notices=result.notices,
                         settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
             if measure is not None:
                 line.update(measure(row, result))

@@ -248,7 +248,7 @@ def _people(args: argparse.Namespace) -> tuple[list, list[int] | None]:
         problems.append("--person is given once per person, 2 to 4 times; for one person use --face")
     if problems:
         raise SettingsError(problems)
-    return people.from_text(args.person, args.person_mask, args.order)
+    return people.from_text(args.person, args.person_mask, args.order, has_layout=args.pose is not None)
 
 
 def _swap(args: argparse.Namespace) -> int:
@@ -290,7 +290,16 @@ def _batch(args: argparse.Namespace) -> int:
     if session.label:
         print(f"[{session.label}]")
     print(report.render())
-    return 0
+    return _failed_rows(report)
+
+
+def _failed_rows(report) -> int:
+    """Exit 1 when rows failed in this run (each reason is in results.jsonl), else 0."""
+    if not report.failed:
+        return 0
+    print(f"{report.failed} of {report.rows} rows failed: each line with \"status\": \"failed\" in "
+          f"{report.out / 'results.jsonl'} says why; fix them and run the same command again", file=sys.stderr)
+    return 1
 
 
 def _out_folder(out: str) -> None:
@@ -353,6 +362,7 @@ def _bench(args: argparse.Namespace) -> int:
     if bench.remaining(plan, args.out) == 0:  # nothing to make: no models to load
         from instantid_colab.weights import SMOKE_LABEL
 
+        made = None
         summary, written = bench.report(plan, args.out, SMOKE_LABEL if args.smoke else None)
         print(f"All {len(plan.rows)} images are in {Path(args.out) / 'results.jsonl'}: nothing to make.")
     else:
@@ -361,7 +371,7 @@ def _bench(args: argparse.Namespace) -> int:
         made, summary, written = bench.run(session, plan, args.out, process=process, processes=processes)
         print(*([f"[{session.label}]"] if session.label else []), made.render(), sep="\n")
     print("", summary.table_markdown(), "", *(f"{kind}: {path}" for kind, path in written.items()), sep="\n")
-    return 0
+    return 0 if made is None else _failed_rows(made)
 
 
 def _launch_on_gpus(gpus: int, argv: list[str], runner=None) -> int:
@@ -391,6 +401,8 @@ def _app(args: argparse.Namespace) -> int:
         credentials = app.parse_auth(args.auth)
     except ValueError as error:
         raise SettingsError([f"--auth: {error}"]) from None
+    if args.port is not None:
+        app.check_port_free(args.port)  # before minutes of loading
     weights = _weights(args)
     app.launch(pipeline.load_pipeline(weights), share=args.share, auth=credentials, port=args.port,
                open_access=args.no_auth)
@@ -407,7 +419,7 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
 
 def _generate_options(generate: argparse.ArgumentParser) -> None:
     from instantid_colab.schedulers import SCHEDULERS
-    from instantid_colab.settings import LIMITS
+    from instantid_colab.settings import LIMITS, REFINE_STRENGTH
     from instantid_colab.speed import SPEEDS
 
     def limits(name: str, default: object) -> str:
@@ -464,9 +476,10 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
     generate.add_argument("--init-image", help="start from this photo (img2img); the face still comes from --face")
     generate.add_argument("--init-strength", type=float, default=0.8,
                           help="how much of the start photo is repainted: " + limits("init_strength", 0.8))
-    generate.add_argument("--refine-face", type=float, nargs="?", const=0.4, metavar="STRENGTH",
+    generate.add_argument("--refine-face", type=float, nargs="?", const=REFINE_STRENGTH, metavar="STRENGTH",
                           help="after the image is made, make each face again at full resolution through a 1024 "
-                               f"crop and paste it back ({LIMITS['refine_strength'].render()}; 0.4 when given alone)")
+                               f"crop and paste it back ({LIMITS['refine_strength'].render()}; {REFINE_STRENGTH} when "
+                               "given alone)")
     generate.add_argument("--memory", action="store_true", help="print the per-stage memory table")
     generate.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
 

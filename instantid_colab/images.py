@@ -107,8 +107,9 @@ def check_dimensions(image: Image.Image, what: str, name: str = "the picture") -
     if width * height > MAX_PIXELS:
         raise ImageInputError(_too_large(what, name, f"{width}x{height} ({width * height / 1e6:.0f} MP)"))
     if min(width, height) < MIN_SIDE:
-        raise ImageInputError(f"{what}: {name} is {width}x{height}; faces need at least {MIN_SIDE} px a side. "
-                              "Use a larger photo.")
+        needs = "faces need" if "face" in what or "photo of person" in what else "it needs"
+        raise ImageInputError(f"{what}: {name} is {width}x{height}; {needs} at least {MIN_SIDE} px a side. "
+                              f"Use a larger {'photo' if needs.startswith('faces') else 'picture'}.")
 
 
 def _to_8bit(array: np.ndarray) -> np.ndarray:

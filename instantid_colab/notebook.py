@@ -194,7 +194,8 @@ def extras(pose: str = "", canny: str = "", depth: str = "", control_strength: f
     if people.strip():
         from instantid_colab.people import from_text
 
-        cast, order = from_text([part for part in people.split(";") if part.strip()], order=people_order)
+        cast, order = from_text([part for part in people.split(";") if part.strip()], order=people_order,
+                                has_layout=bool(layout))
         chosen.update(people=cast, order=order, pose_image=open_image(layout, "layout photo") if layout else None)
     used = [c.kind for c in chosen["controls"]] + [f"LoRA {x.name}" for x in chosen["loras"]]
     used += ["start photo"] if start_photo else []

@@ -81,7 +81,8 @@ def parse_order(text: str | None, count: int) -> list[int] | None:
     if text is None or not str(text).strip():
         return None
     parts = [part.strip() for part in str(text).split(",")]
-    order = [int(part) for part in parts] if all(part.isdigit() for part in parts) else None
+    # isdecimal, not isdigit: superscripts and other "digits" int() cannot read are refused with the message below
+    order = [int(part) for part in parts] if all(part.isdecimal() for part in parts) else None
     problem = _order_problem(order, count, repr(text))
     if problem:
         raise SettingsError([problem])
@@ -96,10 +97,10 @@ def _order_problem(order: list[int] | None, count: int, shown: str) -> str | Non
 
 
 def from_text(persons: list[str], masks: list[str] | None = None, order: str | None = None,
-              base: Path | None = None) -> tuple[list[Person], list[int] | None]:
+              base: Path | None = None, has_layout: bool = True) -> tuple[list[Person], list[int] | None]:
     """What a command line or a manifest row says (`PHOTO[+PHOTO...]` per person, a mask per person, `2,1`;
     paths relative to `base` when given), as checked people with every photo and mask opened once, so a bad
-    file fails before any model loads."""
+    file fails before any model loads. `has_layout`: whether a pose (layout) photo is given, which `order` needs."""
     parsed = [parse_person(text, base) for text in persons]
     if masks and len(masks) != len(parsed):
         raise SettingsError([f"{len(masks)} masks for {len(parsed)} people: give one mask per person, or none"])
@@ -108,16 +109,26 @@ def from_text(persons: list[str], masks: list[str] | None = None, order: str | N
                      open_image(masks[index - 1], f"mask of person {index}") if masks else None)
               for index, person in enumerate(parsed, 1)]
     ordered = parse_order(order, len(people))
-    return check_people(people, ordered), ordered
+    return check_people(people, ordered, has_layout), ordered
 
 
-def check_people(people, order: list[int] | None = None) -> list[Person]:
-    """1 to 4 people (`settings.LIMITS["people"]`), each with at least one photo; `order` a permutation."""
+ORDER_NEEDS_LAYOUT = ("order places the people on the faces of the pose (layout) photo, left to right; without one "
+                      "they stand side by side in the order given: give a pose photo, or leave order out")
+
+
+def check_people(people, order: list[int] | None = None, has_layout: bool = True) -> list[Person]:
+    """1 to 4 people (`settings.LIMITS["people"]`), each with at least one photo and a mask with some white when
+    given; `order` a permutation, and only with a layout photo to place them on."""
     people = list(people)
     _, problem = number("people", len(people), LIMITS["people"])
     problems = [problem] if problem else []
     problems += [f"person {index} has no photo" for index, person in enumerate(people, 1) if not person.photos]
-    if order is not None and (wrong_order := _order_problem(order, len(people), str(order))):
+    problems += [f"the mask of person {index} is all black, which gives them no place in the picture: white marks "
+                 "where they go" for index, person in enumerate(people, 1)
+                 if isinstance(person.mask, Image.Image) and person.mask.convert("L").getextrema()[1] == 0]
+    if order is not None and not has_layout:
+        problems.append(ORDER_NEEDS_LAYOUT)
+    elif order is not None and (wrong_order := _order_problem(order, len(people), str(order))):
         problems.append(wrong_order)
     if problems:
         raise SettingsError(problems)
@@ -185,8 +196,7 @@ def cast(analyzer: faces.FaceAnalyzer, people: list[Person], combine: str, size:
          layout_image: Image.Image | None = None, order: list[int] | None = None) -> Cast:
     """Identities, places (the layout photo's faces, or side by side) and regions of `people` (checked by
     `check_people`) in a picture of `size` (width, height)."""
-    embeddings = [analyzer.embed([open_image(photo, f"photo of person {index}") for photo in person.photos],
-                                 combine)[0] for index, person in enumerate(people, 1)]
+    embeddings = [_identity(analyzer, person, index, combine) for index, person in enumerate(people, 1)]
     if layout_image is None:
         boxes, kps = auto_layout(len(people), size)
     else:
@@ -194,6 +204,20 @@ def cast(analyzer: faces.FaceAnalyzer, people: list[Person], combine: str, size:
     masks = [None if person.mask is None else open_image(person.mask, f"mask of person {index}")
              for index, person in enumerate(people, 1)]
     return Cast(embeddings, boxes, kps, regions(boxes, size, masks), size)
+
+
+def _identity(analyzer: faces.FaceAnalyzer, person: Person, index: int, combine: str):
+    """The person's embedding from their photos; a photo without a face is named with the person's number."""
+    photos = []
+    for place, photo in enumerate(person.photos, 1):
+        opened = open_image(photo, f"photo of person {index}")
+        try:
+            analyzer.detect(opened)
+        except faces.NoFaceError as error:
+            which = f"photo {place} of person {index}" if len(person.photos) > 1 else f"the photo of person {index}"
+            raise faces.NoFaceError(f"{which}: {error}") from None
+        photos.append(opened)
+    return analyzer.embed(photos, combine)[0]
 
 
 def faces_in_regions(found: list[faces.Face], cast: Cast) -> list[faces.Face | None]:

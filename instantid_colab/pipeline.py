@@ -503,9 +503,14 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         "init_strength": init_strength,
     })
     controls, loras = check_controls(controls), check_loras(loras)
+    notices: list[str] = []
+    if interval is not None and checked["guidance_scale"] <= 1:  # said, and recorded as not used
+        notices.append(f"The guidance interval {interval[0]},{interval[1]} was not used: guidance "
+                       f"{checked['guidance_scale']} ({resolved['speed']}) runs no classifier-free guidance to limit.")
+        interval = None
     if (face_image is None) == (not people):
         raise SettingsError(["give a face photo, or people (each with their photos), not both"])
-    people = check_people(people, list(order) if order is not None else None) if people else []
+    people = check_people(people, list(order) if order is not None else None, pose_image is not None) if people else []
     prompt = (prompt or "").strip() or DEFAULT_PROMPT
     styled_prompt, styled_negative = styles.apply_style(style, prompt, negative_prompt or "")
     layout_image = open_image(pose_image, "pose image") if pose_image is not None else None
@@ -546,7 +551,6 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     label = session.label
     if label:
         settings["label"] = label
-    notices: list[str] = []
     call = dict(prompt=styled_prompt, negative_prompt=styled_negative, cast=cast, kps_images=kps_images,
                 as_people=bool(people), controls=controls, maps=maps, loras=loras, init=init, init_mask=mask,
                 settings=settings, chosen=chosen, interval=interval, preview=preview, preview_every=preview_every,

@@ -24,14 +24,14 @@ from instantid_colab.faces import Likeness, NoFaceError, likeness_of
 from instantid_colab.images import ImageLike, open_image
 from instantid_colab.loras import Lora
 from instantid_colab.people import Person, faces_in_regions
-from instantid_colab.settings import check_arguments
+from instantid_colab.settings import REFINE_STRENGTH, check_arguments
 
 CROP_SIZE = 1024  # the crop is made at SDXL's own resolution
 MARGIN = 0.4  # the crop reaches this many face sides beyond the repainted region's box on every side
 MASK_GROW = 0.15  # the repainted region: the face box grown by this fraction of its side on every side
 FEATHER = 0.08  # the region's soft edge: Gaussian blur radius as a fraction of the face side
 MIN_UPSCALE = 1.25  # refine leaves a face alone when its crop would be enlarged less than this
-REFINE_STRENGTH, SWAP_STRENGTH = 0.4, 0.7
+SWAP_STRENGTH = 0.7
 TOO_BIG = "covers most of the picture already (its crop would not be enlarged): left as it is"
 
 
@@ -81,12 +81,17 @@ def repaint_face(session, image: Image.Image, box: Sequence[float], strength: fl
 
 
 def _same_settings(settings: dict, seed: int) -> dict[str, Any]:
-    """pipeline.generate's keywords that remake a picture's look: its (styled) prompts, strengths, sampler, LoRAs."""
+    """pipeline.generate's keywords that remake a picture's look: its (styled) prompts, strengths, speed mode (its
+    distilled LoRA with it), sampler, guidance and guidance interval, style LoRAs."""
     return dict(prompt=settings["prompt"], negative_prompt=settings["negative_prompt"], style="No style",
                 identitynet_strength=settings["identitynet_strength"], adapter_strength=settings["adapter_strength"],
-                steps=settings["steps"], guidance_scale=settings["guidance_scale"], scheduler=settings["scheduler"],
-                negative_noise=settings["negative_noise"], combine=settings["combine"], lcm=settings["lcm"],
+                speed=settings["speed"]["name"], steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                scheduler=settings["scheduler"], guidance_interval=settings["guidance_interval"],
+                negative_noise=settings["negative_noise"], combine=settings["combine"],
                 loras=[Lora(lora["name"], lora["scale"]) for lora in settings["loras"]], seed=seed)
+
+
+USED = ("speed", "steps", "guidance_scale", "scheduler", "guidance_interval", "unconditional_steps", "loras", "seed")
 
 
 def refine_faces(session, result, strength: float = REFINE_STRENGTH, face_image: ImageLike | None = None,
@@ -101,7 +106,7 @@ def refine_faces(session, result, strength: float = REFINE_STRENGTH, face_image:
     for index, image in enumerate(result.images):
         seed = (result.seed + 1 + index) % (2**32)
         faces = _faces_by_person(session, cast, image, bool(people))
-        done, skipped = 0, []
+        done, skipped, used = 0, [], None
         for person, face in enumerate(faces):
             if face is None:
                 continue
@@ -113,8 +118,9 @@ def refine_faces(session, result, strength: float = REFINE_STRENGTH, face_image:
                 skipped.append(person + 1)
                 continue
             image, done = repainted.image, done + 1
+            used = {key: repainted.crop.settings[key] for key in USED}
             result.notices += repainted.crop.notices
-        result.refined[index] = {"strength": strength, "faces": done, "left_alone": skipped}
+        result.refined[index] = {"strength": strength, "faces": done, "left_alone": skipped, "used": used}
         for person in skipped:
             who = f"person {person}'s face" if people else "the face"
             result.notices.append(f"image {index + 1}: {who} {TOO_BIG}")

@@ -64,6 +64,9 @@ LIMITS: dict[str, Bounds] = {
     "bench_seeds": Bounds(1, 64, True, "images per person, prompt and setting; PuLID's protocol makes 4 per person"),
 }
 FLAGS = ("enhance_non_face", "lcm")
+PAIRS = ("guidance_interval",)  # LIMITS rows for both ends of a pair, not a setting's own value
+REFINE_STRENGTH = 0.4  # the refine pass's strength when it is only switched on (`--refine-face`, `true`)
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 COMBINE_MODES = ("average", "norm_average", "concat")  # several photos of one person: ComfyUI_InstantID's options
 
 
@@ -79,7 +82,9 @@ class SettingsError(ValueError):
 def number(name: str, value: Any, bounds: Bounds | None = None) -> tuple[float | int | None, str | None]:
     """(the value as int/float, None) when allowed, else (None, the problem)."""
     bounds = bounds or LIMITS[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool):  # a JSON true is not the number 1
+        return None, f"{name} {value!r} is not a number: use {bounds.render()}"
+    if not isinstance(value, (int, float)):
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -92,6 +97,31 @@ def number(name: str, value: Any, bounds: Bounds | None = None) -> tuple[float |
     if not bounds.low <= value <= bounds.high:
         return None, f"{name} {value} is out of range: use {bounds.render()}"
     return value, None
+
+
+def flag(name: str, value: Any) -> bool:
+    """A true/false setting as a command line, a CSV cell (true/yes/on/1, false/no/off/0) or JSON gives it."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    raise SettingsError([f"{name} {value!r} is not true or false"])
+
+
+def refine_strength(value: Any) -> float | None:
+    """The refine pass's strength as every entry point means it: None/false/"" off; true (or the bare option) the
+    default REFINE_STRENGTH; a number its strength, checked against LIMITS. A JSON true is not the number 1."""
+    if value is None or value == "" or value is False:
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in TRUE_WORDS[1:]):
+        return REFINE_STRENGTH
+    if isinstance(value, str) and value.strip().lower() in FALSE_WORDS[1:]:
+        return None
+    strength, problem = number("refine_face", value, LIMITS["refine_strength"])
+    if problem:
+        raise SettingsError([f"{problem}; or true for {REFINE_STRENGTH}, false for no refine pass"])
+    return strength
 
 
 def size_problems(width: Any, height: Any) -> list[str]:
@@ -137,6 +167,8 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     """
     checked, problems = dict(values), []
     for name in LIMITS:
+        if name in PAIRS:  # START,END: each end checked by speed.parse_interval against this row
+            continue
         if name in values and values[name] is not None:
             checked[name], problem = number(name, values[name])
             if problem:

@@ -93,6 +93,9 @@ def parse_interval(text: str | tuple | list | None) -> tuple[float, float] | Non
     """`START,END` (fractions of the schedule, START < END) or a pair; None or empty: CFG on every step."""
     if text is None or text == "" or text == ():
         return None
+    if not isinstance(text, (str, list, tuple)):  # a JSON manifest's number or object where a pair belongs
+        raise SettingsError([f"guidance interval {text!r} is not START,END (fractions of the steps, e.g. \"0.17,0.9\" "
+                             "or [0.17, 0.9])"])
     parts = [part.strip() for part in text.split(",")] if isinstance(text, str) else list(text)
     if len(parts) != 2:
         raise SettingsError([f"guidance interval {text!r} is not START,END (fractions of the steps, e.g. 0.17,0.9)"])

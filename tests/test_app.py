@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
@@ -190,7 +189,7 @@ def test_a_speed_mode_moves_steps_and_guidance_to_its_card_values():
 def test_live_previews_reach_the_page_while_the_image_forms(smoke_session, face_file):
     outputs = list(app._generate_handler(smoke_session)(**_handler_args(face_path=face_file, steps=10, size="64x64",
                                                                          live_preview=True)))
-    previews = [output[6] for output in outputs[:-1]]
+    previews = [output[6] for output in outputs[:-1] if isinstance(output[6], Image.Image)]  # beside heartbeats
     assert [image.size for image in previews] == [(64, 64)] * (10 // speed.PREVIEW_EVERY)  # after steps 5 and 10
     assert len(outputs[-1][0]) == 1 and len(outputs[-1]) == 7  # then the image
 
@@ -336,13 +335,13 @@ def test_face_swap_tab_returns_the_photo_with_its_swapped_face(smoke_session, tm
     face = tmp_path / "face.png"
     smoke.sample_face_image().save(face)
     handler = app._swap_handler(smoke_session)
-    image, caption = handler(str(target), str(face), 0, 0.6, "", 3)
+    *_, (image, caption) = handler(str(target), str(face), 0, 0.6, "", 3)
     assert image.size == (1200, 800) and json.loads(image.info["instantid"])["swap"]["strength"] == 0.6
     assert caption.startswith(f"{SMOKE_LABEL} · face at [") and "seed 3" in caption
     with pytest.raises(gr.Error, match="Face swap: give the photo to change and a photo of the person"):
-        handler(str(target), None, 0, 0.6, "", 3)
+        list(handler(str(target), None, 0, 0.6, "", 3))
     with pytest.raises(gr.Error, match="The target photo has 1 face; --which 2"):
-        handler(str(target), str(face), 2, 0.6, "", 3)
+        list(handler(str(target), str(face), 2, 0.6, "", 3))
 
 
 def test_generate_handler_randomizes_the_seed_and_reports_the_one_used(smoke_session, face_file):
@@ -359,20 +358,45 @@ def test_generate_handler_shows_the_no_face_advice_as_a_page_error(smoke_session
         run(app._generate_handler(smoke_session), face_path=str(grey), steps=1, size="64x64")
 
 
-class _PressedDuringRun(threading.Event):
-    """The Stop button pressed right after Generate: the handler's own clear() is followed by a press."""
-
-    def clear(self):
-        super().clear()
-        self.set()
-
-
 def test_stop_ends_the_run_with_a_message_and_the_app_stays_usable(smoke_session, face_file):
-    outputs = run(app._generate_handler(smoke_session, _PressedDuringRun()), face_path=face_file, steps=3, size="64x64")
+    line = app.GpuLine()
+    pressed = lambda *args, **kwargs: line.stop("me")  # noqa: E731  Stop pressed as the first step is reported
+    outputs = run(app._generate_handler(smoke_session, line), face_path=face_file, steps=3, size="64x64",
+                  progress=pressed, browser="me")
     assert outputs[4] == "Stopped (stopped after step 1 of 3); nothing was made. Press Generate to start again."
-    gallery, *_ = run(app._generate_handler(smoke_session, threading.Event()), face_path=face_file, steps=1,
-                      size="64x64")
+    assert len(line) == 0  # the place in line is given up
+    gallery, *_ = run(app._generate_handler(smoke_session, line), face_path=face_file, steps=1, size="64x64",
+                      browser="me")
     assert gallery[0][0].size == (64, 64)
+
+
+def test_one_persons_stop_stops_only_their_own_run_waiting_or_running(smoke_session, face_file):
+    line = app.GpuLine()
+    handler = app._generate_handler(smoke_session, line)
+    first = handler(**_handler_args(face_path=face_file, steps=4, size="64x64", seed=1), browser="ann")
+    second = handler(**_handler_args(face_path=face_file, steps=2, size="64x64", seed=2), browser="bob")
+    third = handler(**_handler_args(face_path=face_file, steps=2, size="64x64", seed=3), browser="cy")
+    assert next(first)[4] == ""  # ann's run started (a heartbeat while it is made)
+    assert next(second)[4] == "Waiting for the GPU: 1 ahead of you." and next(third)[4].endswith("2 ahead of you.")
+    assert line.stop("bob") and not line.stop("nobody")
+    assert list(second)[-1][4] == "Stopped before it started; nothing was made."  # bob's, while waiting
+    ann = list(first)[-1]
+    assert ann[1] == 1 and ann[0][0][0].size == (64, 64)  # ann's picture is made all the same
+    cy = list(third)[-1]
+    assert cy[1] == 3 and len(line) == 0
+
+
+def test_a_click_beyond_the_line_is_refused_with_how_many_are_ahead(smoke_session, face_file):
+    line = app.GpuLine(limit=1)
+    handler = app._generate_handler(smoke_session, line)
+    running = handler(**_handler_args(face_path=face_file, steps=2, size="64x64"), browser="ann")
+    next(running)
+    with pytest.raises(gr.Error, match=r"Busy: 1 pictures are ahead of you, the most this app takes at once \(1\)"):
+        next(handler(**_handler_args(face_path=face_file, steps=1, size="64x64"), browser="bob"))
+    with pytest.raises(gr.Error, match=r"Your earlier picture is still being made \(0 ahead of it\)"):
+        next(handler(**_handler_args(face_path=face_file, steps=1, size="64x64"), browser="ann"))
+    running.close()  # ann's page closed: her run stops at its next step and gives its place up
+    assert len(line) == 0
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -425,3 +449,34 @@ def test_page_lists_a_section_for_each_control_and_the_lora_and_start_photo_inpu
         assert (strength.minimum, strength.maximum, strength.value) == (0, 1.5, 0.4)
         assert (sliders[f"{kind}-start"].value, sliders[f"{kind}-end"].value) == (0.0, 1.0)
     assert (sliders["init-strength"].minimum, sliders["init-strength"].maximum) == (0.01, 1)
+
+
+def test_a_share_link_that_cannot_be_made_still_tells_the_login_of_the_local_address(monkeypatch, capsys):
+    monkeypatch.setattr(gr.Blocks, "launch", lambda blocks, **options: (None, "http://127.0.0.1:7860/", None))
+    launched = app.launch(_session(), share=True, block=False)
+    user, password = launched.login
+    assert capsys.readouterr().out.startswith(
+        "The share link could not be made (gradio's share server did not answer); the app is served at "
+        f"http://127.0.0.1:7860/ only, behind the login user {user}, password {password}.")
+
+
+def test_a_port_in_use_is_said_before_the_models_load():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(app.PortInUse, match=rf"port {port} is in use"):
+            app.check_port_free(port)
+        with pytest.raises(app.PortInUse, match=rf"port {port} is in use"):
+            app.launch(_session(), share=False, block=False, port=port)
+
+
+def test_the_page_reads_sizes_and_orders_as_the_command_line_does(smoke_session, face_file, tmp_path):
+    with pytest.raises(app.InputError, match="output size '²x64' is not WIDTHxHEIGHT"):
+        app.parse_size("²x64")  # "²" is a digit to Python, not a number int() reads
+    other = tmp_path / "other.png"
+    smoke.sample_face_image(face_color=(120, 200, 240)).save(other)
+    with pytest.raises(gr.Error, match=r"order places the people on the faces of the pose \(layout\) photo"):
+        run(app._generate_handler(smoke_session), person_1=face_file, person_2=str(other), order="2,1", steps=1)

@@ -229,3 +229,56 @@ def test_batch_speed_applies_to_rows_without_a_speed_column(folder):
     rows = batch.prepare_rows(manifest, smoke=True, speed="lightning-4")
     assert [(row.values["speed"], row.values["steps"]) for row in rows] == [("lightning-4", 4), ("tcd", 4)]
     assert rows[0].values["scheduler"] == "Euler trailing" and rows[1].values["scheduler"] == "TCD"
+
+
+# --- issue 25: a value means the same in a CSV cell, a JSONL value, the command line and the app --------------
+
+
+def test_a_jsonl_value_of_the_wrong_type_is_refused_naming_it(folder):
+    manifest = write(folder, "t.jsonl", '{"face": "ann.png", "guidance_interval": 0.5}\n'
+                                        '{"face": "ann.png", "steps": true}\n'
+                                        '{"face": "ann.png", "controls": {"pose": "ann.png"}}\n')
+    with pytest.raises(batch.ManifestError) as refused:
+        batch.prepare_rows(manifest, smoke=True)
+    text = str(refused.value)
+    assert "row 1: guidance interval 0.5 is not START,END" in text
+    assert "row 2: steps true is not what the column holds (one value" in text
+    assert 'row 3: controls {"pose": "ann.png"} is not what the column holds (a list or a text' in text
+    row, = batch.prepare_rows(write(folder, "ok.jsonl", '{"face": "ann.png", "prompt": 2024, '
+                                                        '"guidance_interval": [0.2, 0.8]}\n'), smoke=True)
+    assert (row.values["prompt"], row.values["guidance_interval"]) == ("2024", (0.2, 0.8))  # as in a CSV cell
+
+
+@pytest.mark.parametrize(("csv_value", "jsonl_value", "strength"), [
+    ("true", "true", 0.4), ("yes", '"on"', 0.4), ("0.6", "0.6", 0.6), ("false", "false", None), ("no", '"off"', None),
+])
+def test_refine_face_means_the_same_in_csv_and_jsonl_as_on_the_command_line(folder, csv_value, jsonl_value, strength):
+    from_csv, = batch.prepare_rows(write(folder, "r.csv", f"face,refine_face\nann.png,{csv_value}\n"), smoke=True)
+    from_jsonl, = batch.prepare_rows(write(folder, "r.jsonl", f'{{"face": "ann.png", "refine_face": {jsonl_value}}}\n'),
+                                     smoke=True)
+    assert from_csv.values["refine_face"] == from_jsonl.values["refine_face"] == strength  # true: --refine-face's 0.4
+
+
+def test_a_csv_row_with_more_fields_than_the_header_is_refused(folder):
+    manifest = write(folder, "c.csv", """
+        face,prompt,seed
+        ann.png,a portrait,1
+        ann.png,a portrait, at night,2
+        """)
+    with pytest.raises(batch.ManifestError, match=r"row 2 has 4 fields, the header 3\. A value holding the separator "
+                                                  r"\(','\) must be in double quotes"):
+        batch.read_manifest(manifest)
+
+
+def test_order_without_a_pose_photo_is_refused_in_a_manifest(folder):
+    manifest = write(folder, "p.jsonl", '{"people": ["ann.png", "bob.png"], "order": "2,1"}\n')
+    with pytest.raises(batch.ManifestError, match=r"row 1: order places the people on the faces of the pose"):
+        batch.prepare_rows(manifest, smoke=True)
+
+
+def test_a_failed_row_is_tried_again_by_the_next_run(session, folder):
+    rows = batch.prepare_rows(write(folder, "f.jsonl", '{"face": "grey.png", "steps": 1}\n'), smoke=True)
+    first = batch.run(session, rows, folder / "out", progress=False)
+    second = batch.run(session, rows, folder / "out", progress=False)
+    assert (first.failed, second.failed, second.skipped) == (1, 1, 0)
+    assert [line["status"] for line in lines(folder / "out")] == ["failed", "failed"]

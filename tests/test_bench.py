@@ -142,6 +142,15 @@ def test_a_grid_is_every_combination_with_none_as_the_default_and_pairs_written_
     assert grid.parse_grid(None) == [grid.Configuration("defaults")]
 
 
+def test_the_issues_example_grid_plans_with_each_setting_as_a_manifest_means_it(people_folder):
+    spec = "speed=quality,lightning-4,dmd2-4; identitynet_strength=0.6,0.8; guidance_interval=none,0.17:0.9"
+    plan = run.plan(people_folder, "protocol", spec, smoke=True)
+    assert len(plan.configurations) == 12 and len(plan.rows) == 24
+    guided = next(row for row in plan.rows if row.record["configuration"] ==
+                  "speed=quality, identitynet_strength=0.6, guidance_interval=0.17:0.9")
+    assert (guided.values["guidance_interval"], guided.values["identitynet_strength"]) == ((0.17, 0.9), 0.6)
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("sped=quality", "grid: 'sped' is not a setting the grid can vary; use: "),
     ("seed=1,2", "grid: 'seed' is not a setting the grid can vary"),

@@ -157,6 +157,36 @@ def written(*names: str) -> Callable[[Path], None]:
     return check
 
 
+def _manifest(folder: Path, face: str) -> Path:
+    if face == "a.png":
+        face_png(folder / "a.png")
+    (folder / "m.jsonl").write_text(json.dumps({"face": face, "prompt": "x", "steps": 1}) + "\n")
+    return folder / "m.jsonl"
+
+
+_LISTENING: list = []  # sockets kept open while the test that asked for a taken port runs
+
+
+def _taken_port() -> int:
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    _LISTENING.append(listening)
+    return listening.getsockname()[1]
+
+
+def _filled(path: Path, value: int) -> Path:
+    Image.new("L", (256, 256), value).save(path)
+    return path
+
+
+def _interval_not_recorded(folder: Path) -> None:
+    stored = json.loads(Image.open(folder / "out" / "x.png").text["instantid"])
+    assert stored["guidance_interval"] is None and stored["speed"]["name"] == "lightning-4"
+
+
 CASES = {
     # --- seen failing in the issue -------------------------------------------------------------
     "face is a folder": Case(lambda f: [*QUICK, "--face", str(f), "--out", out(f)], 1,
@@ -358,7 +388,44 @@ CASES = {
                                 r"target photo: .*nope\.jpg does not exist"),
     "pose bench with batch 0": Case(lambda f: ["bench", "--smoke", "--batch", "0", "--out", str(f / "b")], 2,
                                     r"batch 0 is out of range: use 1 to 4096", main=pose_cli.main),
+    # --- issue 25: the last odd inputs, in the form each arrived ---------------------------------------------
+    "batch --out naming an existing file": Case(lambda f: ["batch", str(_manifest(f, "a.png")), "--smoke", "--out",
+                                                           str(_touch(f / "results.txt"))], 2,
+                                                r"--out .*results\.txt is a file; give a folder"),
+    "bench --out naming an existing file": Case(lambda f: ["bench", "--smoke", "--out", str(_touch(f / "r.txt"))], 2,
+                                                r"--out .*r\.txt is a file; give a folder"),
+    "app on a port in use": Case(lambda f: ["app", "--smoke", "--port", str(_taken_port())], 1,
+                                 r"port \d+ is in use \(another app, or this one started earlier\): choose another"),
+    "--order with superscript digits": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                                       str(f / "a.png"), "--pose", str(f / "a.png"), "--order",
+                                                       "\u00b2,1", "--out", out(f)], 2,
+                                            r"order '\u00b2,1' must list the people 1 to 2 once each, e\.g\. 2,1"),
+    "--order without --pose": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                              str(f / "a.png"), "--order", "2,1", "--out", out(f)], 2,
+                                   r"order places the people on the faces of the pose \(layout\) photo"),
+    "guidance interval with a preset of guidance 0": Case(
+        lambda f: ["--smoke", "--seed", "3", "--speed", "lightning-4", "--guidance-interval", "0.2,0.8", "--out",
+                   out(f)], 0, r"notice: The guidance interval 0\.2,0\.8 was not used: guidance 0\.0 \(lightning-4\) "
+                               r"runs no classifier-free guidance to limit\.", check=_interval_not_recorded,
+        changes_files=True),
+    "an all-black person mask": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                                str(f / "a.png"), "--person-mask", str(_filled(f / "w.png", 255)),
+                                                "--person-mask", str(_filled(f / "b.png", 0)), "--out", out(f)], 2,
+                                     r"the mask of person 2 is all black, which gives them no place in the picture"),
+    "a too-small person mask": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                               str(f / "a.png"), "--person-mask", str(_tiny(f / "s.png")),
+                                               "--person-mask", str(_tiny(f / "s.png")), "--out", out(f)], 1,
+                                    r"mask of person 1: .*s\.png is 32x32; it needs at least 64 px a side\. Use a "
+                                    r"larger picture"),
+    "a person's photo without a face": Case(lambda f: [*QUICK, "--person", str(face_png(f / "a.png")), "--person",
+                                                       str(_grey(f / "g.png")), "--out", out(f)], 1,
+                                            r"the photo of person 2: No face found"),
+    "a batch in which every row failed": Case(lambda f: ["batch", str(_manifest(f, str(_grey(f / "g.png")))),
+                                                         "--smoke", "--out", str(f / "runs")], 1,
+                                              r"1 of 1 rows failed: each line with \"status\": \"failed\" in .*results"
+                                              r"\.jsonl says why", changes_files=True),
 }
+
 
 
 def _touch(path: Path) -> Path:
@@ -409,7 +476,8 @@ def test_odd_input(name, tmp_path, capsys, monkeypatch):
 
 
 def test_corpus_size():
-    assert len(CASES) >= 69  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap
+    assert len(CASES) >= 79  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap,
+    # issue 25's 10
 
 
 def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):

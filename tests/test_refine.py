@@ -160,3 +160,31 @@ def weights_for_views(tmp_path):
     from instantid_colab import memory
 
     return pipeline.load_pipeline(smoke.build_smoke_weights(tmp_path), memory.choose_plan(16, None), progress=False)
+
+
+def test_the_refine_pass_repaints_with_the_images_speed_mode_lora_sampler_and_guidance_interval(smoke_session,
+                                                                                                 monkeypatch):
+    """hyper-8 keeps classifier-free guidance: its LoRA must be active in every UNet call of the refine pass, and
+    the interval must drop the unconditional half outside it, as in the image itself."""
+    from instantid_colab.loras import SPEED_PREFIX
+
+    face = smoke.sample_face_image()
+    result = pipeline.generate(smoke_session, face, width=128, height=128, speed="hyper-8",
+                               guidance_interval=(0.25, 0.75), seed=5)
+    made = picture((512, 512), [(200, 160, 102, WARM)])
+    result.images[0] = made.copy()
+    unet = smoke_session.pipe.unet
+    forward, calls = unet.forward, []
+
+    def recorded(sample, *args, **kwargs):
+        calls.append((sample.shape[0], sorted(smoke_session.loras.active)))
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", recorded)
+    refine.refine_faces(smoke_session, result, 0.5, face_image=face)
+    assert [batch for batch, _ in calls] == [1, 2, 2, 1]  # 4 of hyper-8's 8 steps at 0.5; guided on steps 1 and 2
+    assert all(any(name.startswith(SPEED_PREFIX) for name in active) for _, active in calls)
+    used = json.loads(result.images[0].info["instantid"])["refine_face"]["used"]
+    assert used["speed"]["name"] == "hyper-8" and used["speed"]["lora"] == "ByteDance/Hyper-SD/Hyper-SDXL-8steps-CFG-lora.safetensors"
+    assert (used["scheduler"], used["steps"], used["guidance_scale"]) == ("DDIM trailing", 8, 5.0)
+    assert used["guidance_interval"] == [0.25, 0.75] and used["unconditional_steps"] == 2
