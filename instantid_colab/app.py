@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import concurrent.futures
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -241,21 +241,23 @@ def _waiting(line: GpuLine, turn: Turn) -> Iterator[str]:
         yield f"Waiting for the GPU: {line.ahead(turn)} ahead of you."
 
 
-def _beside(make: Callable[[], Any], turn: Turn, previews: queue.Queue, shown: Callable[[Any], tuple]) -> Iterator:
-    """Run `make` in a worker (in this context, so gr.Progress reaches the page), yielding `shown(preview)` for each
-    preview as it comes and `shown(None)` every HEARTBEAT_S; returns what `make` returned. Closed early (the page
-    went away: gradio closes the generator at a yield), the run is stopped at its next step before the worker ends."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate") as worker:
-        job = worker.submit(contextvars.copy_context().run, make)
-        try:
-            while not job.done() or not previews.empty():
-                try:
-                    yield shown(previews.get(timeout=HEARTBEAT_S))
-                except queue.Empty:
-                    yield shown(None)
-        except GeneratorExit:
-            turn.stop.set()
-            raise
+def _beside(make: Callable[[], Any], line: GpuLine, turn: Turn, previews: queue.Queue,
+            shown: Callable[[Any], tuple]) -> Iterator:
+    """Run `make` on the line's worker thread (in this context, so gr.Progress reaches the page), yielding
+    `shown(preview)` for each preview as it comes and `shown(None)` every HEARTBEAT_S; returns what `make` returned.
+    Closed early (the page went away: gradio closes the generator at a yield), the run is stopped at its next step
+    and waited for, so the next in line never overlaps it."""
+    job = line.worker.submit(contextvars.copy_context().run, make)
+    try:
+        while not job.done() or not previews.empty():
+            try:
+                yield shown(previews.get(timeout=HEARTBEAT_S))
+            except queue.Empty:
+                yield shown(None)
+    except GeneratorExit:
+        turn.stop.set()
+        concurrent.futures.wait([job])
+        raise
     return job.result()
 
 
@@ -326,7 +328,7 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
                 return
             if preset.lora:
                 progress(0, desc=f"{preset.name}: its LoRA loads the first time it is used")
-            result = yield from _beside(make, turn, frames, lambda frame: (
+            result = yield from _beside(make, line, turn, frames, lambda frame: (
                 *unchanged, "", gr.update(), gr.update() if frame is None else frame))
         except pipeline.GenerationStopped as stopped:
             yield (*unchanged, f"Stopped ({stopped}); nothing was made. Press Generate to start again.", gr.update(),
@@ -370,8 +372,8 @@ def _swap_handler(session: pipeline.InstantIDSession, line: GpuLine | None = Non
                 yield gr.update(), "Stopped before it started; nothing was made."
                 return
             progress(0, desc="swapping the face")
-            result = refine.swap(session, target, face, which=int(which) or None, strength=strength,
-                                 prompt=prompt or "", seed=int(seed))
+            result = line.worker.submit(refine.swap, session, target, face, which=int(which) or None,
+                                        strength=strength, prompt=prompt or "", seed=int(seed)).result()
         except USER_ERRORS as error:
             raise gr.Error(str(error)) from error
         except Exception as error:
