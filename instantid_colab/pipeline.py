@@ -503,11 +503,7 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         "init_strength": init_strength,
     })
     controls, loras = check_controls(controls), check_loras(loras)
-    notices: list[str] = []
-    if interval is not None and checked["guidance_scale"] <= 1:  # said, and recorded as not used
-        notices.append(f"The guidance interval {interval[0]},{interval[1]} was not used: guidance "
-                       f"{checked['guidance_scale']} ({resolved['speed']}) runs no classifier-free guidance to limit.")
-        interval = None
+    interval, notices = speed_module.usable_interval(interval, checked["guidance_scale"], resolved["speed"])
     if (face_image is None) == (not people):
         raise SettingsError(["give a face photo, or people (each with their photos), not both"])
     people = check_people(people, list(order) if order is not None else None, pose_image is not None) if people else []

@@ -105,6 +105,16 @@ def parse_interval(text: str | tuple | list | None) -> tuple[float, float] | Non
     return start, end
 
 
+def usable_interval(interval: tuple[float, float] | None, guidance_scale: float,
+                    speed: str) -> tuple[tuple[float, float] | None, list[str]]:
+    """The interval a run uses, and what to tell the person: with guidance 1 or less there is no classifier-free
+    guidance to limit, so an interval asked for is not used (said, and recorded as None), never silently ignored."""
+    if interval is None or guidance_scale > 1:
+        return interval, []
+    return None, [f"The guidance interval {interval[0]},{interval[1]} was not used: guidance {guidance_scale} "
+                  f"({speed}) runs no classifier-free guidance to limit."]
+
+
 def guided_steps(interval: tuple[float, float] | None, steps: int) -> list[bool]:
     """For each step, whether it computes the unconditional half: diffusers' ClassifierFreeGuidance guider's
     rule (`int(start * n) <= step < int(stop * n)`), asked of the guider itself where diffusers has one."""
