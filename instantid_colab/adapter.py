@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from instantid_colab import library_messages
 from instantid_colab.pickles import refused_object
 
 IMAGE_PROJ = "image_proj"
@@ -488,8 +489,10 @@ def load_adapter(pipe: Any, path: str | Path | Mapping) -> AdapterInfo:
     state_dict = _tensors(path, unet.device, unet.dtype)
     if hasattr(pipe, "load_ip_adapter"):
         # subfolder/weight_name are unused for a dict; image_encoder_folder=None: InstantID feeds
-        # face embeddings via `ip_adapter_image_embeds`, there is no CLIP image encoder.
-        pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
+        # face embeddings via `ip_adapter_image_embeds`, there is no CLIP image encoder (diffusers says so
+        # on every load, in words that mean nothing to our users).
+        with library_messages.without(["diffusers.loaders.ip_adapter"], "image_encoder is not loaded"):
+            pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
     else:
         unet._load_ip_adapter_weights([state_dict])
     _verify_loaded(unet, state_dict, info)

@@ -8,6 +8,7 @@ gradio accepts them (`_accepted`), so one file serves the versions Colab has shi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import inspect
@@ -679,11 +680,13 @@ def build_app(session: pipeline.InstantIDSession, line: GpuLine | None = None) -
 def _own_cache() -> Path | None:
     """A temporary folder of this app's own for gradio (GRADIO_TEMP_DIR), unless you chose one: gradio writes
     every upload and every picture it shows there and deletes only the uploads (gradio 6 does not track the
-    pictures a handler returns), so the app sweeps its own folder (`_sweep`) and removes it when it closes."""
+    pictures a handler returns), so the app sweeps its own folder (`_sweep`) and removes it when it closes, or when
+    Python exits with the app still open (a notebook's kernel restarted)."""
     chosen = os.environ.get("GRADIO_TEMP_DIR")
     if chosen and Path(chosen) != _OWN_CACHE.get("folder"):
         return None
     folder = Path(tempfile.mkdtemp(prefix="instantid-app-"))
+    atexit.register(_remove_cache, folder)
     _OWN_CACHE["folder"] = folder
     os.environ["GRADIO_TEMP_DIR"] = str(folder)  # read by gradio as it builds the page and as it serves files
     return folder
@@ -747,10 +750,12 @@ def launch(
             inline=inline,
             **_accepted(app.launch, max_file_size=MAX_UPLOAD_FILE),
         )
-    except OSError as error:
-        if port is None or "port" not in str(error):
-            raise
-        raise PortInUse(port) from None
+    except BaseException as error:
+        if cache is not None:
+            _remove_cache(cache)
+        if isinstance(error, OSError) and port is not None and "port" in str(error):
+            raise PortInUse(port) from None
+        raise
     if share and share_url is None and credentials is not None:  # no tunnel: the local address still asks
         print(f"The share link could not be made (gradio's share server did not answer); the app is served at "
               f"{local_url} only, behind the login user {credentials[0]}, password {credentials[1]}.")

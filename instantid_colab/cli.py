@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from instantid_colab import cli_errors
@@ -352,12 +353,18 @@ def _bench(args: argparse.Namespace) -> int:
     from instantid_colab import pipeline
     from instantid_colab.bench import run as bench
 
-    faces = args.faces
+    faces, drawn = args.faces, None
     if faces is None:
         from instantid_colab.smoke import write_sample_people
 
+        drawn = None if (Path(args.out) / "smoke-faces").exists() else Path(args.out) / "smoke-faces"
         faces = write_sample_people(Path(args.out) / "smoke-faces")
-    plan = bench.plan(faces, args.prompts, args.grid, args.seeds, smoke=args.smoke)
+    try:
+        plan = bench.plan(faces, args.prompts, args.grid, args.seeds, smoke=args.smoke)
+    except Exception:
+        if drawn is not None:  # a refused command line leaves --out as it was
+            shutil.rmtree(drawn)
+        raise
     print(plan.describe(), flush=True)
     if bench.remaining(plan, args.out) == 0:  # nothing to make: no models to load
         from instantid_colab.weights import SMOKE_LABEL
@@ -566,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                             'guidance_interval=none,0.17:0.9" (every combination; none = the default), or a CSV/JSONL '
                             "file of configurations named by a `name` column; default: one setting, the defaults")
     bench.add_argument("--seeds", type=int, default=1,
-                       help=f"images per person, prompt and setting: {LIMITS['bench_seeds'].render()}; default 1")
+                       help=f"{LIMITS['bench_seeds'].render()}; default 1")
     bench.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
     bench.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
     _weights_options(bench)

@@ -14,12 +14,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from instantid_colab import library_messages
 from instantid_colab.settings import LIMITS, SettingsError, number
 
 SPEED_PREFIX = "speed_"  # the adapter of a speed preset's distilled LoRA (`speed.SPEEDS`)
 SMOKE_LORA = "smoke"  # `--lora smoke`: the tiny LoRA written for the smoke UNet
 _DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
 _UP = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
+# Where diffusers (0.31 to 0.42) says a LoRA has no text-encoder keys: true of every speed preset's LoRA and most
+# style LoRAs, and "safe to ignore" in its own words, but it ends "open an issue", on every load.
+_NO_TEXT_ENCODER_KEYS = "No LoRA keys associated to"
+_LOADER_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
 
 
 class LoraError(ValueError):
@@ -114,7 +119,8 @@ def load(pipe, path: Path, name: str) -> str:
                         "Next step: use a LoRA trained for SDXL (its model card says SDXL 1.0 or an SDXL fine-tune).")
     before = set(pipe.get_list_adapters().get("unet", []))
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        with library_messages.without(_LOADER_LOGGERS, _NO_TEXT_ENCODER_KEYS):
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except Exception as error:
         if name in set(pipe.get_list_adapters().get("unet", [])) - before:
             pipe.delete_adapters(name)

@@ -9,6 +9,7 @@ value and the allowed range. The ranges are the official InstantID demo's (`grad
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,9 @@ def number(name: str, value: Any, bounds: Bounds | None = None) -> tuple[float |
         try:
             value = float(value)
         except (TypeError, ValueError):
+            if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+,\d+\s*", value):  # Excel in many languages
+                return None, (f"{name} {value!r} is not a number: write the decimal with a point "
+                              f"({value.strip().replace(',', '.')}); use {bounds.render()}")
             return None, f"{name} {value!r} is not a number: use {bounds.render()}"
     if math.isnan(value) or math.isinf(value):
         return None, f"{name} {value} is not a number: use {bounds.render()}"

@@ -202,7 +202,7 @@ def test_cli_inspect_json_for_a_fitting_file(tmp_path, capsys, monkeypatch, offi
     assert summary["ip_layers"] == 70 and summary["cross_attention_dim"] == 2048
 
 
-def test_round_trip_tiny_unet(tmp_path, tiny_pipe):
+def test_round_trip_tiny_unet(tmp_path, tiny_pipe, diffusers_said):
     unet = tiny_pipe.unet
     widths = ip_hidden_sizes_for(unet)
     # down 0 (2×1), down 1 (2×2), up 0 (3×2), up 1 (3×1), mid (1×2): diffusers' attn_processors order
@@ -213,6 +213,7 @@ def test_round_trip_tiny_unet(tmp_path, tiny_pipe):
 
     info = load_adapter(tiny_pipe, path)
     assert info.resampler == TINY and info.ip_layers == 17
+    assert not [message for message in diffusers_said if "image_encoder is not loaded" in message]  # no CLIP here, by design
 
     projection = unet.encoder_hid_proj.image_projection_layers[0]
     assert type(projection).__name__ == "IPAdapterPlusImageProjection"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -462,7 +465,9 @@ def test_a_share_link_that_cannot_be_made_still_tells_the_login_of_the_local_add
 
 def test_a_port_in_use_is_said_before_the_models_load():
     import socket
+    import tempfile
 
+    folders = set(Path(tempfile.gettempdir()).glob("instantid-app-*"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -471,6 +476,21 @@ def test_a_port_in_use_is_said_before_the_models_load():
             app.check_port_free(port)
         with pytest.raises(app.PortInUse, match=rf"port {port} is in use"):
             app.launch(_session(), share=False, block=False, port=port)
+    assert set(Path(tempfile.gettempdir()).glob("instantid-app-*")) <= folders  # its own folder went with it
+    assert "GRADIO_TEMP_DIR" not in os.environ
+
+
+def test_the_apps_own_folder_goes_when_python_exits_with_the_app_still_open(tmp_path):
+    """A notebook launches without blocking; a restarted kernel must not leave gradio's pictures in /tmp."""
+    code = ("from types import SimpleNamespace; from instantid_colab import app; "
+            "print(app.launch(SimpleNamespace(smoke=True, plan=None), share=False, block=False, inline=False).cache)")
+    environment = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
+    done = subprocess.run([sys.executable, "-c", code], env={**environment, "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = Path(done.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and folder.name.startswith("instantid-app-")
+    assert not folder.exists()
 
 
 def test_the_page_reads_sizes_and_orders_as_the_command_line_does(smoke_session, face_file, tmp_path):

@@ -84,6 +84,9 @@ def test_the_held_out_photo_is_never_given_to_the_generator(people_folder):
 def test_people_folders_that_cannot_be_used_are_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         references.find_people(tmp_path / "missing")
+    smoke.sample_face_image().save(tmp_path / "one.png")
+    with pytest.raises(ValueError, match="one.png: is a file, not a folder; give a folder with one photo per person"):
+        references.find_people(tmp_path / "one.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no photos"):
         references.find_people(tmp_path / "empty")
@@ -122,6 +125,9 @@ def test_prompt_files_that_cannot_be_used_are_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("# only a comment\n\n")
     with pytest.raises(ValueError, match="holds no prompt"):
         prompts.load_prompts(str(tmp_path / "empty.txt"))
+    (tmp_path / "twice.txt").write_text("a photo\n# a comment\nanother photo\n a photo \n")
+    with pytest.raises(ValueError, match=r"twice.txt: line 4 repeats line 1; give each prompt once \(--seeds"):
+        prompts.load_prompts(str(tmp_path / "twice.txt"))  # its images would be counted and never made
     (tmp_path / "binary.txt").write_bytes(b"\x00\x81\x8d")
     with pytest.raises(ValueError, match="not text in UTF-8, UTF-16 or Windows-1252"):
         prompts.load_prompts(str(tmp_path / "binary.txt"))

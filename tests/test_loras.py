@@ -119,3 +119,10 @@ def test_lora_names_and_scales_are_checked(weights, tmp_path):
         ensure_lora(weights, str(tmp_path / "missing.safetensors"))
     with pytest.raises(MissingWeightsError, match="LoRA owner/style: expected one .safetensors file"):
         ensure_lora(weights, "owner/style", offline=True)
+
+
+def test_a_lora_without_text_encoder_keys_loads_without_diffusers_open_an_issue_warning(session, face, diffusers_said):
+    """A speed preset's LoRA holds UNet keys only: diffusers warns about each text encoder on every load."""
+    fast = pipeline.generate(session, face, speed="lightning-4", **SIZE)
+    assert fast.settings["speed"]["name"] == "lightning-4"
+    assert not [message for message in diffusers_said if "No LoRA keys associated" in message]

@@ -424,8 +424,27 @@ CASES = {
                                                          "--smoke", "--out", str(f / "runs")], 1,
                                               r"1 of 1 rows failed: each line with \"status\": \"failed\" in .*results"
                                               r"\.jsonl says why", changes_files=True),
+    # --- found trying the identity benchmark as a user -----------------------------------------------------
+    "bench --faces naming one photo": Case(lambda f: ["bench", "--smoke", "--faces", str(face_png(f / "a.png")),
+                                                      "--out", str(f / "b")], 1,
+                                           r"--faces .*a\.png: is a file, not a folder; give a folder with one photo"),
+    "bench prompts repeating a prompt": Case(lambda f: ["bench", "--smoke", "--prompts",
+                                                        str(_lines(f / "p.txt", "a photo", "a painting", "a photo")),
+                                                        "--out", str(f / "b")], 1,
+                                             r"p\.txt: line 3 repeats line 1; give each prompt once"),
+    "a CSV manifest with decimal commas": Case(lambda f: ["batch", str(_lines(f / "m.csv", "face;prompt;steps;"
+                                                                              "identitynet_strength",
+                                                                              f"{face_png(f / 'a.png')};x;1;0,6")),
+                                                          "--smoke", "--out", str(f / "runs")], 1,
+                                               r"row 1: identitynet_strength '0,6' is not a number: write the decimal with a "
+                                               r"point \(0\.6\)"),
 }
 
+
+
+def _lines(path: Path, *lines: str) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _touch(path: Path) -> Path:
@@ -476,8 +495,8 @@ def test_odd_input(name, tmp_path, capsys, monkeypatch):
 
 
 def test_corpus_size():
-    assert len(CASES) >= 79  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap,
-    # issue 25's 10
+    assert len(CASES) >= 82  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap,
+    # issue 25's 10, 3 found trying the identity benchmark
 
 
 def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):

@@ -58,7 +58,7 @@ SETS = {"builtin": BUILT_IN, "protocol": (PROTOCOL,)}
 
 def load_prompts(choice: str) -> tuple[Prompt, ...]:
     """`builtin` (the set above), `protocol` (PuLID's one prompt) or a text file: one prompt a line, blank lines
-    and lines starting with # skipped. ValueError names a file that is missing or holds no prompt."""
+    and lines starting with # skipped. ValueError names a file that is missing, holds no prompt or repeats one."""
     if choice in SETS:
         return SETS[choice]
     path = Path(choice).expanduser()
@@ -66,7 +66,16 @@ def load_prompts(choice: str) -> tuple[Prompt, ...]:
         raise ValueError(f"--prompts {choice}: no such file; give a text file (one prompt a line) or one of: "
                          f"{', '.join(SETS)}")
     lines = [line.strip() for line in read_text(path, "--prompts", "save it as UTF-8 text").splitlines()]
-    prompts = tuple(Prompt(line, str(path)) for line in lines if line and not line.startswith("#"))
-    if not prompts:
+    first_line: dict[str, int] = {}
+    repeated = []
+    for number, line in enumerate(lines, 1):
+        if line and not line.startswith("#"):
+            if line in first_line:  # results are kept by prompt: a repeat would be counted and never made
+                repeated.append(f"line {number} repeats line {first_line[line]}")
+            first_line.setdefault(line, number)
+    if repeated:
+        raise ValueError(f"--prompts {path}: {'; '.join(repeated[:5])}; give each prompt once (--seeds makes more "
+                         "images of a prompt)")
+    if not first_line:
         raise ValueError(f"--prompts {path} holds no prompt (one a line; lines starting with # are comments)")
-    return prompts
+    return tuple(Prompt(line, str(path)) for line in first_line)

@@ -44,8 +44,9 @@ def find_people(folder: str | Path) -> list[BenchPerson]:
     each sub-folder is a person (named by the folder). ValueError when there is none, or a folder has no photo."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ValueError(f"--faces {folder}: no such folder; give a folder with one photo per person, or one "
-                         "folder of photos per person")
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ValueError(f"--faces {folder}: {what}; give a folder with one photo per person, or one folder of "
+                         "photos per person")
     people, empty = [], []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
