@@ -412,9 +412,9 @@ class _PeakVram:
 
 def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Path) -> None:
     """The row's PNGs, then its results line (a row is done only once its pictures are on disk)."""
-    from instantid_colab import pipeline
+    from instantid_colab.png_metadata import save_png
 
-    line["files"] = [str(pipeline.save_png(image, out / f"{row.name}{f'-{index}' if len(images) > 1 else ''}.png"))
+    line["files"] = [str(save_png(image, out / f"{row.name}{f'-{index}' if len(images) > 1 else ''}.png"))
                      for index, image in enumerate(images)]
     claims.finish(row, line)
 

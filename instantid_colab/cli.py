@@ -164,6 +164,7 @@ def _generate(args: argparse.Namespace) -> int:
     import random
 
     from instantid_colab import loras, memory, outputs, pipeline, settings, speed
+    from instantid_colab.png_metadata import save_png
     from instantid_colab.faces import Likeness
     from instantid_colab.images import open_image
 
@@ -203,7 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
         refine.refine_faces(session, result, args.refine_face, face_image=face, extra_face_images=extra_faces,
                             people=people)
     for image, path in zip(result.images, paths):
-        pipeline.save_png(image, path, overwrite=args.overwrite)
+        save_png(image, path, overwrite=args.overwrite)
     _print_notices(result.label, renamed, result.notices)
     if recorder is not None:
         print(recorder.render())
@@ -255,6 +256,7 @@ def _people(args: argparse.Namespace) -> tuple[list, list[int] | None]:
 def _swap(args: argparse.Namespace) -> int:
     """Check the settings, both photos and the destination before loading; then swap and save."""
     from instantid_colab import outputs, pipeline, refine, settings
+    from instantid_colab.png_metadata import save_png
     from instantid_colab.images import open_image
 
     values = settings.check({name: getattr(args, name) for name in (
@@ -267,7 +269,7 @@ def _swap(args: argparse.Namespace) -> int:
     session = pipeline.load_pipeline(_weights(args))
     result = refine.swap(session, target, face, which=args.which, strength=args.strength, prompt=args.prompt,
                          negative_prompt=args.negative_prompt, **values)
-    pipeline.save_png(result.image, path, overwrite=args.overwrite)
+    save_png(result.image, path, overwrite=args.overwrite)
     _print_notices(result.label, renamed, result.notices)
     print(f"swapped the face at {result.face_box} (strength {result.strength}, seed {result.seed}, {result.seconds:.1f} s): "
           f"{result.likeness.render()}")

@@ -251,7 +251,7 @@ def swap(session: InstantIDSession, target: str = "", face: str = "", which: int
     """Give a face of the `target` photo the identity of the `face` photo (`refine.swap`), save and show it.
     Smoke mode without photos uses a drawn photo with one smoke face and the sample face."""
     from instantid_colab import refine
-    from instantid_colab.pipeline import save_png
+    from instantid_colab.png_metadata import save_png
 
     if smoke and not (target or face):
         from instantid_colab.smoke import sample_face_image

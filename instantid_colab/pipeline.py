@@ -13,7 +13,6 @@ What InstantID adds to a plain SDXL + ControlNet pipeline, and where it lives he
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from instantid_colab import faces, memory, styles
 from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
+from instantid_colab.png_metadata import attach_metadata
 from instantid_colab.schedulers import SCHEDULERS
 from instantid_colab.settings import MULTIPLE, SettingsError, check as check_settings, check_arguments
 from instantid_colab.identity import (
@@ -158,7 +157,8 @@ class GenerationResult:
             self.likeness[index] = analyzer.likeness(self.cast.embeddings[0], image)
 
     def attach_metadata(self) -> None:
-        """Each image carries its metadata as PNG text (`save_png` writes it; the app's gallery keeps `info`)."""
+        """Each image carries its metadata as PNG text (`png_metadata.save_png` writes it; the app's gallery keeps
+        `info`)."""
         for index, image in enumerate(self.images):
             attach_metadata(image, self.image_metadata(index), self.label)
 
@@ -408,35 +408,6 @@ def decode(pipe, latents: torch.Tensor, notices: list[str]) -> torch.Tensor:
     return image.float()
 
 
-def _metadata(settings: dict, label: str | None) -> PngInfo:
-    """`parameters` in the A1111 text form many tools read, `instantid` as JSON, and the smoke label."""
-    info = PngInfo()
-    text = ", ".join(f"{key}: {value}" for key, value in settings.items() if key not in ("prompt", "negative_prompt"))
-    info.add_text("parameters", f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n{text}")
-    info.add_text("instantid", json.dumps(settings))
-    if label:
-        info.add_text("label", label)
-    return info
-
-
-def attach_metadata(image: Image.Image, metadata: dict, label: str | None) -> None:
-    """`metadata` as the image's PNG text (`save_png`) and in its `info` (kept by the app's gallery)."""
-    image.pnginfo = _metadata(metadata, label)
-    image.info.update({"instantid": json.dumps(metadata)})
-
-
-def save_png(image: Image.Image, path: str | Path, overwrite: bool = True) -> Path:
-    """Save with the settings/seed metadata that `generate` attached (PIL drops it unless passed again).
-
-    `overwrite=False` never replaces a file (FileExistsError), even one that appeared during generation.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb" if overwrite else "xb") as handle:
-        image.save(handle, format="PNG", pnginfo=getattr(image, "pnginfo", None))
-    return path
-
-
 def _one_face(analyzer, face_images: list, combine: str, layout_image, width: int | None, height: int | None,
               enhance_non_face: bool) -> Cast:
     """The official single face as a cast of one: its photos' identity, placed where the layout photo's face
@@ -486,7 +457,7 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     Raises images.ImageInputError for a picture that cannot be used, faces.NoFaceError when no face is
     found, loras.LoraError for a LoRA that does not fit, GenerationStopped when `should_stop()` turns
     true between steps. Out of memory once -> lighter plan and one retry (said in `notices`). The
-    images carry their settings, seed and likeness as PNG text (`save_png`).
+    images carry their settings, seed and likeness as PNG text (`png_metadata.save_png`).
     """
     started = time.perf_counter()
     resolved = speed_module.with_preset(dict(speed=speed, lcm=lcm, steps=steps, guidance_scale=guidance_scale,

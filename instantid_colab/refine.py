@@ -24,6 +24,7 @@ from instantid_colab.faces import Likeness, NoFaceError, likeness_of
 from instantid_colab.images import ImageLike, open_image
 from instantid_colab.loras import Lora
 from instantid_colab.people import Person, faces_in_regions
+from instantid_colab.png_metadata import attach_metadata
 from instantid_colab.settings import REFINE_STRENGTH, check_arguments
 
 CROP_SIZE = 1024  # the crop is made at SDXL's own resolution
@@ -197,7 +198,7 @@ def swap(session, target: ImageLike, face_image: ImageLike, *, which: int | None
                 "swap": {"face_box": result.face_box, "strength": strength, "which": which,
                          "crop_box": list(repainted.crop_box)},
                 "identity_similarity": likeness.similarity, "identity_similarity_note": likeness.note}
-    pipeline.attach_metadata(result.image, metadata, result.label)
+    attach_metadata(result.image, metadata, result.label)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -13,6 +13,7 @@ from PIL import Image
 from instantid_colab import loras, memory, pipeline, settings, smoke
 from instantid_colab.faces import NoFaceError
 from instantid_colab.identity import FaceRegion
+from instantid_colab.png_metadata import save_png
 
 SIZE = dict(width=128, height=64, steps=2)
 
@@ -187,7 +188,7 @@ def test_official_output_size_rule():
 
 def test_png_metadata_round_trip(session, face, tmp_path):
     result = pipeline.generate(session, face, "a pilot", style="Watercolor", seed=7, **SIZE)
-    path = pipeline.save_png(result.images[0], tmp_path / "out.png")
+    path = save_png(result.images[0], tmp_path / "out.png")
     text = Image.open(path).text
     settings = json.loads(text["instantid"])
     assert settings["seed"] == 7 and settings["steps"] == 2 and settings["style"] == "Watercolor"
@@ -250,7 +251,7 @@ def test_likeness_scores_every_image_ranks_them_and_lands_in_the_png(session, fa
     assert none.similarity is None and none.note == "no face found in the generated image"
     assert result.best_first() == [2, 1, 0]
     for index in range(3):
-        stored = json.loads(Image.open(pipeline.save_png(result.images[index], tmp_path / f"{index}.png")).text["instantid"])
+        stored = json.loads(Image.open(save_png(result.images[index], tmp_path / f"{index}.png")).text["instantid"])
         assert stored["image_index"] == index
         assert stored["identity_similarity"] == result.likeness[index].similarity
         assert stored["identity_similarity_note"] == result.likeness[index].note
