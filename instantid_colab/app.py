@@ -283,6 +283,8 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
             if not face_path and not cast:
                 raise InputError("upload a face photo first (a clear, front-facing photo works best), or photos of "
                                  "2 to 4 people under People")
+            unused = [what for what, given in (("face photo", face_path), ("extra face photos", extra_face_files))
+                      if given and cast]
             face = check_image_file(face_path, "face photo") if not cast else None
             extra_faces = tuple(check_image_file(path, "extra face photo") for path in extra_face_files or ()) if not cast else ()
             pose = check_image_file(pose_path, "pose image") if pose_path else None
@@ -319,6 +321,9 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
                 progress(0, desc="refining faces")
                 refine.refine_faces(session, made, refine_strength, face_image=face,
                                     extra_face_images=extra_faces, people=cast)
+            if unused:
+                made.notices.append(f"The {' and the '.join(unused)} above {'was' if len(unused) == 1 else 'were'} "
+                                    "not used: the picture is of the people under People, each from their own photo.")
             return made
 
         try:

@@ -316,6 +316,10 @@ def test_people_section_makes_one_picture_with_a_likeness_caption_per_person(smo
     assert image.size == (128, 128) and kps.size == (128, 128)
     assert re.fullmatch(rf"{SMOKE_LABEL} · #1 · person 1: likeness .+ · person 2: likeness .+", caption), caption
     assert "| reference_faces | 2 |" in settings.splitlines()
+    *_, notices, _ = run(handler, face_path=face_file, person_1=face_file, person_2=str(other), steps=1,
+                         size="128x128")
+    assert notices == ("⚠️ The face photo above was not used: the picture is of the people under People, each from "
+                       "their own photo.")
     with pytest.raises(gr.Error, match="People: give photos of 2 to 4 people"):
         run(handler, person_1=face_file, steps=1)
     with pytest.raises(gr.Error, match="order '3,1' must list the people 1 to 2 once each"):
