@@ -18,6 +18,7 @@ import queue
 import random
 import secrets
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -744,6 +745,8 @@ def launch(
     if made_up:
         credentials = (f"user-{secrets.token_hex(3)}", secrets.token_urlsafe(12))
     app = build_app(session, line)
+    if block and threading.current_thread() is threading.main_thread():  # `kill`, `timeout`: closed as Ctrl-C does
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     app.queue(**_accepted(app.queue, default_concurrency_limit=1, max_size=32))
     try:
         _, local_url, share_url = app.launch(
@@ -772,7 +775,7 @@ def launch(
     if cache is not None:
         threading.Thread(target=_sweep, args=(app, cache), name="app-cache-sweeper", daemon=True).start()
     if block:
-        app.block_thread()  # until Ctrl-C, which closes the app
+        app.block_thread()  # until Ctrl-C (or SIGTERM, above), which closes the app
         if cache is not None:
             _remove_cache(cache)  # here, not only in the sweeper: a daemon thread may not run at exit
     return Launched(app, local_url, share_url, credentials if share else None, cache)

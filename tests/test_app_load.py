@@ -141,6 +141,22 @@ def test_a_hundred_pictures_in_a_row_keep_the_servers_memory_flat_and_leave_no_t
         server.kill()
 
 
+def test_the_app_stopped_with_sigterm_closes_and_removes_its_folder(tmp_path):
+    """`kill` or `timeout` stops the command-line app as Ctrl-C does: closed, its temporary folder gone."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "instantid_colab", "app", "--smoke", "--no-share", "--port",
+                               str(port)], env=_server_environment(tmp_path), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        until(lambda: _answers(f"http://127.0.0.1:{port}/"), seconds=180)
+        (folder,) = tmp_path.glob("instantid-app-*")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) in (0, 130)  # 130: it came while the app was still starting, as a Ctrl-C would
+        assert not folder.exists()
+    finally:
+        server.kill()
+
+
 def test_the_apps_temporary_files_are_swept_once_old(served, monkeypatch):
     launched, _, face = served
     Client(launched.local_url, verbose=False).predict(face_path=handle_file(face), **QUICK, api_name="/generate")
