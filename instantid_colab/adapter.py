@@ -30,6 +30,7 @@ IP_ADAPTER = "ip_adapter"
 DIM_HEAD = 64  # diffusers' IPAdapterPlusImageProjection and the official Resampler both use 64
 ARCFACE_DIM = 512  # antelopev2's recogniser gives a 512-d identity embedding
 OFFICIAL_FILE = "InstantX/InstantID ip-adapter.bin"
+_NO_FLOAT32_MODULES = "There are modules in UNet2DConditionModel that should be kept in float32: []."
 
 Shapes = dict[str, dict[str, tuple[int, ...]]]
 
@@ -489,9 +490,10 @@ def load_adapter(pipe: Any, path: str | Path | Mapping) -> AdapterInfo:
     state_dict = _tensors(path, unet.device, unet.dtype)
     if hasattr(pipe, "load_ip_adapter"):
         # subfolder/weight_name are unused for a dict; image_encoder_folder=None: InstantID feeds
-        # face embeddings via `ip_adapter_image_embeds`, there is no CLIP image encoder (diffusers says so
-        # on every load, in words that mean nothing to our users).
-        with library_messages.without(["diffusers.loaders.ip_adapter"], "image_encoder is not loaded"):
+        # face embeddings via `ip_adapter_image_embeds`, there is no CLIP image encoder. diffusers says so on
+        # every load, and (0.42) warns about its own cast of the UNet with an empty list of float32 modules.
+        with library_messages.without(["diffusers.loaders.ip_adapter", "diffusers.models.modeling_utils"],
+                                      ("image_encoder is not loaded", _NO_FLOAT32_MODULES)):
             pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
     else:
         unet._load_ip_adapter_weights([state_dict])

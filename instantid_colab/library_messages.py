@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def without(loggers: Sequence[str], starting: str) -> Iterator[None]:
-    """Drop the records of these loggers whose message starts with `starting`, inside the block."""
+def without(loggers: Sequence[str], starting: str | tuple[str, ...]) -> Iterator[None]:
+    """Drop the records of these loggers whose message starts with `starting` (or one of them), inside the block."""
 
     def keep(record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(starting)
