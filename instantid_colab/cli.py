@@ -164,9 +164,9 @@ def _generate(args: argparse.Namespace) -> int:
     import random
 
     from instantid_colab import loras, memory, outputs, pipeline, settings, speed
-    from instantid_colab.png_metadata import save_png
     from instantid_colab.faces import Likeness
     from instantid_colab.images import open_image
+    from instantid_colab.png_metadata import save_png
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     values = settings.check(speed.with_preset({**_generation_values(args), "seed": seed}))
@@ -256,8 +256,8 @@ def _people(args: argparse.Namespace) -> tuple[list, list[int] | None]:
 def _swap(args: argparse.Namespace) -> int:
     """Check the settings, both photos and the destination before loading; then swap and save."""
     from instantid_colab import outputs, pipeline, refine, settings
-    from instantid_colab.png_metadata import save_png
     from instantid_colab.images import open_image
+    from instantid_colab.png_metadata import save_png
 
     values = settings.check({name: getattr(args, name) for name in (
         "style", "identitynet_strength", "adapter_strength", "steps", "guidance_scale", "scheduler")}
@@ -359,8 +359,9 @@ def _bench(args: argparse.Namespace) -> int:
     if faces is None:
         from instantid_colab.smoke import write_sample_people
 
-        drawn = None if (Path(args.out) / "smoke-faces").exists() else Path(args.out) / "smoke-faces"
-        faces = write_sample_people(Path(args.out) / "smoke-faces")
+        sample = Path(args.out) / "smoke-faces"
+        drawn = None if sample.exists() else sample
+        faces = write_sample_people(sample)
     try:
         plan = bench.plan(faces, args.prompts, args.grid, args.seeds, smoke=args.smoke)
     except Exception:

@@ -21,8 +21,8 @@ SPEED_PREFIX = "speed_"  # the adapter of a speed preset's distilled LoRA (`spee
 SMOKE_LORA = "smoke"  # `--lora smoke`: the tiny LoRA written for the smoke UNet
 _DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
 _UP = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
-# Where diffusers (0.31 to 0.42) says a LoRA has no text-encoder keys: true of every speed preset's LoRA and most
-# style LoRAs, and "safe to ignore" in its own words, but it ends "open an issue", on every load.
+# Where diffusers says a LoRA has no text-encoder keys (0.42 does, from these three modules; 0.31 does not): true of
+# every speed preset's LoRA and most style LoRAs, "safe to ignore" in its own words, yet it ends "open an issue".
 _NO_TEXT_ENCODER_KEYS = "No LoRA keys associated to"
 _LOADER_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
 
