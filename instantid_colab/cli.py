@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 from instantid_colab import cli_errors
@@ -355,19 +354,10 @@ def _bench(args: argparse.Namespace) -> int:
     from instantid_colab import pipeline
     from instantid_colab.bench import run as bench
 
-    faces, drawn = args.faces, None
-    if faces is None:
-        from instantid_colab.smoke import write_sample_people
-
-        sample = Path(args.out) / "smoke-faces"
-        drawn = None if sample.exists() else sample
-        faces = write_sample_people(sample)
-    try:
-        plan = bench.plan(faces, args.prompts, args.grid, args.seeds, smoke=args.smoke)
-    except Exception:
-        if drawn is not None:  # a refused command line leaves --out as it was
-            shutil.rmtree(drawn)
-        raise
+    if args.faces is None:
+        plan = bench.plan_smoke_people(args.out, args.prompts, args.grid, args.seeds)
+    else:
+        plan = bench.plan(args.faces, args.prompts, args.grid, args.seeds, smoke=args.smoke)
     print(plan.describe(), flush=True)
     if bench.remaining(plan, args.out) == 0:  # nothing to make: no models to load
         from instantid_colab.weights import SMOKE_LABEL

@@ -277,12 +277,11 @@ def identity_benchmark(session: InstantIDSession, faces: str, grid: str = "", pr
     from instantid_colab.bench import run as bench
 
     if smoke:
-        from instantid_colab.smoke import write_sample_people
-
-        faces = write_sample_people(Path(out) / "smoke-faces")
+        plan = bench.plan_smoke_people(out, prompts, grid or None, seeds)
     elif not Path(faces).is_dir():
         raise _missing_folder("FACES", faces, " Make it, with one photo per person or one folder of photos per person.")
-    plan = bench.plan(faces, prompts, grid or None, seeds, smoke=smoke)
+    else:
+        plan = bench.plan(faces, prompts, grid or None, seeds)
     print(plan.describe())
     made, summary, written = bench.run(session, plan, out)
     print((f"[{session.label}] " if session.label else "") + made.render())

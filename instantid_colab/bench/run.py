@@ -13,6 +13,7 @@ per setting and seed, not once per image, and a run stopped early holds whole se
 from __future__ import annotations
 
 import functools
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from instantid_colab.bench.report import BenchSummary, summarise
 from instantid_colab.faces import NoFaceError, likeness_of
 from instantid_colab.images import open_image
 from instantid_colab.settings import SettingsError, check_arguments
+from instantid_colab.smoke import write_sample_people
 
+SMOKE_PEOPLE = "smoke-faces"  # under --out: the two drawn people of `bench --smoke` without --faces
 FIRST_SEED = 42  # the official demo's seed; seed i is FIRST_SEED + i for every setting, so images pair up
 
 
@@ -76,6 +79,21 @@ def plan(faces: str | Path, prompts: str = "builtin", grid: str | None = None, s
                     row.name = f"{number:02d}-{slug(configuration.name)}/{slug(person.name)}-p{index:02d}-s{seed}"
                     rows.append(row)
     return BenchPlan(people, prompt_set, configurations, list(range(FIRST_SEED, FIRST_SEED + seeds)), rows)
+
+
+def plan_smoke_people(out: str | Path, prompts: str = "builtin", grid: str | None = None,
+                      seeds: int = 1) -> BenchPlan:
+    """`plan` over two drawn smoke people written under `out` (kept there, so a rerun finds the same photos); a plan
+    that is refused removes the ones it drew, leaving `out` as it was."""
+    folder = Path(out) / SMOKE_PEOPLE
+    drawn = not folder.exists()
+    write_sample_people(folder)
+    try:
+        return plan(folder, prompts, grid, seeds, smoke=True)
+    except Exception:
+        if drawn:
+            shutil.rmtree(folder)
+        raise
 
 
 def _raw(person: BenchPerson, prompt: str, seed: int, configuration: Configuration) -> dict[str, Any]:
