@@ -285,7 +285,7 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
                 raise InputError("upload a face photo first (a clear, front-facing photo works best), or photos of "
                                  "2 to 4 people under People")
             unused = [what for what, given in (("face photo", face_path), ("extra face photos", extra_face_files))
-                      if given and cast]
+                      if given] if cast else []
             face = check_image_file(face_path, "face photo") if not cast else None
             extra_faces = tuple(check_image_file(path, "extra face photo") for path in extra_face_files or ()) if not cast else ()
             pose = check_image_file(pose_path, "pose image") if pose_path else None

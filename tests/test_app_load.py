@@ -117,9 +117,7 @@ def test_a_hundred_pictures_in_a_row_keep_the_servers_memory_flat_and_leave_no_t
     face = tmp_path / "face.png"
     smoke.sample_face_image().save(face)
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "instantid_colab", "app", "--smoke", "--no-share", "--port",
-                               str(port)], env=_server_environment(tmp_path), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = _command_line_app(port, tmp_path)
     try:
         url = f"http://127.0.0.1:{port}/"
         until(lambda: _answers(url), seconds=180)
@@ -144,9 +142,7 @@ def test_a_hundred_pictures_in_a_row_keep_the_servers_memory_flat_and_leave_no_t
 def test_the_app_stopped_with_sigterm_closes_and_removes_its_folder(tmp_path):
     """`kill` or `timeout` stops the command-line app as Ctrl-C does: closed, its temporary folder gone."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "instantid_colab", "app", "--smoke", "--no-share", "--port",
-                               str(port)], env=_server_environment(tmp_path), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = _command_line_app(port, tmp_path)
     try:
         until(lambda: _answers(f"http://127.0.0.1:{port}/"), seconds=180)
         (folder,) = tmp_path.glob("instantid-app-*")
@@ -164,6 +160,13 @@ def test_the_apps_temporary_files_are_swept_once_old(served, monkeypatch):
     monkeypatch.setattr(app, "CACHE_SWEEP_S", 1)
     monkeypatch.setattr(app, "CACHE_AGE_S", 0)
     until(lambda: not any(path.is_file() for path in Path(launched.cache).rglob("*")), seconds=10)
+
+
+def _command_line_app(port: int, tmp: Path) -> subprocess.Popen:
+    """`python -m instantid_colab app --smoke` on `port`, in a process of its own, its temporary folder under `tmp`."""
+    return subprocess.Popen([sys.executable, "-m", "instantid_colab", "app", "--smoke", "--no-share", "--port",
+                             str(port)], env=_server_environment(tmp), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 def _server_environment(tmp: Path) -> dict[str, str]:
