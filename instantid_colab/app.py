@@ -276,7 +276,8 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
             speed_mode, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None,
             init_strength=0.8, person_1=None, person_2=None, person_3=None, person_4=None, order="", refine_on=False,
             refine_strength=settings.REFINE_STRENGTH, guidance_from=0.0, guidance_to=1.0, live_preview=False,
-            progress=gr.Progress(), browser: str | None = None, **control_values):
+            identity=settings.IDENTITIES[0], s_scale=1.0, progress=gr.Progress(), browser: str | None = None,
+            **control_values):
         """A generator: its place in line while it waits, TAESDXL previews (live_preview), then the results."""
         unchanged = (gr.update(),) * 4
         try:
@@ -294,6 +295,8 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
             width, height = parse_size(size) or (None, None)
             seed = random.randint(0, MAX_SEED) if randomize_seed else seed
             preset = speed.preset(speed_mode)
+            settings.check({"identity": identity, "s_scale": s_scale, "pose_image": pose, "init_image": init,
+                            "several_people": bool(cast), "refine_face": refine_on, "combine": combine})
             turn = line.join(browser or secrets.token_hex(8))
         except Busy as error:
             raise gr.Error(str(error)) from None
@@ -315,7 +318,7 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
                 loras=page_loras(lora_text, lora_files, lora_scale), init_image=init,
                 init_strength=init_strength, people=cast, order=order,
                 guidance_interval=None if (guidance_from, guidance_to) == (0, 1) else (guidance_from, guidance_to),
-                preview=(lambda step, total, image: frames.put(image)) if live_preview else None,
+                identity=identity, s_scale=s_scale, preview=(lambda step, total, image: frames.put(image)) if live_preview else None,
                 callback=report_step, should_stop=turn.stop.is_set,
             )
             if refine_on:
@@ -531,6 +534,13 @@ def _main_inputs(defaults: dict[str, Any]) -> dict[str, Any]:
         list(speed.SPEEDS), value=speed.DEFAULT_SPEED, label="Speed", elem_id="speed",
         info="quality: 30 steps; lcm, lightning, hyper, dmd2 and tcd: 4-8 steps with a distilled LoRA (loaded the "
              "first time it is used)")
+    with gr.Row():
+        named["identity"] = gr.Dropdown(
+            list(settings.IDENTITIES), value=settings.IDENTITIES[0], label="Identity method", elem_id="identity",
+            info="instantid: IdentityNet + face adapter; faceid-plusv2: IP-Adapter FaceID Plus V2 (no IdentityNet: no "
+                 "pose image, people, start photo or refine; loaded the first time it is used)")
+        named["s_scale"] = gr.Slider(*_range("s_scale"), value=1.0, step=0.05, label="FaceID structure (s_scale)",
+                                     elem_id="s-scale")
     named["live_preview"] = gr.Checkbox(False, label="Live preview", elem_id="live-preview",
                                         info=f"a quick picture of the image forming, every {speed.PREVIEW_EVERY} "
                                              "steps (TAESDXL)")

@@ -36,8 +36,9 @@ THUMB = 256
 # Columns: pipeline.generate's keyword names, plus the pictures and the output name. Lists ("controls",
 # "loras", "extra_faces") are `;`-separated in CSV and may be JSON lists in JSONL.
 NUMBERS = ("steps", "guidance_scale", "identitynet_strength", "adapter_strength", "seed", "width", "height",
-           "num_images", "negative_noise", "init_strength", "refine_face")
-TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name", "order", "speed", "guidance_interval")
+           "num_images", "negative_noise", "init_strength", "refine_face", "s_scale")
+TEXTS = ("prompt", "negative_prompt", "style", "scheduler", "combine", "name", "order", "speed", "guidance_interval",
+         "identity")
 FLAGS = ("enhance_non_face", "lcm")
 PICTURES = ("face", "pose", "init_image")
 LISTS = ("extra_faces", "controls", "control_maps", "loras", "people", "person_masks")
@@ -220,8 +221,10 @@ def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
         plain["guidance_interval"] = speed.parse_interval(plain["guidance_interval"])
     if "refine_face" in plain:  # the refine pass's strength (true: the default), run after the row's images
         plain["refine_face"] = settings.refine_strength(plain["refine_face"])
-    checked_plain = settings.check({**plain, "init_image": values.get("init_image")})
-    del checked_plain["init_image"]
+    checked_plain = settings.check({**plain, "init_image": values.get("init_image"), "pose_image": values.get("pose_image"),
+                                    "several_people": bool(values.get("people"))})
+    for picture in ("init_image", "pose_image", "several_people"):
+        del checked_plain[picture]
     values.update(checked_plain)
     key = _digest({**checked_plain, **digests})
     return Row(number, values, {key: value for key, value in raw.items()}, key, name or f"{number:04d}-{key[:8]}")

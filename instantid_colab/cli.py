@@ -139,7 +139,8 @@ def _generation_values(args: argparse.Namespace) -> dict:
     """`pipeline.generate`'s keyword arguments from the command line (checked by `settings.check`)."""
     values = {name: getattr(args, name) for name in (
         "style", "identitynet_strength", "adapter_strength", "steps", "guidance_scale", "scheduler", "width", "height",
-        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm", "init_strength", "speed")}
+        "num_images", "enhance_non_face", "negative_noise", "combine", "lcm", "init_strength", "speed", "identity",
+        "s_scale")}
     values["init_image"] = args.init_image
     if args.smoke and args.width is None and args.height is None:
         from instantid_colab.smoke import SMOKE_SIZE
@@ -168,11 +169,13 @@ def _generate(args: argparse.Namespace) -> int:
     from instantid_colab.png_metadata import save_png
 
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    values = settings.check(speed.with_preset({**_generation_values(args), "seed": seed}))
-    del values["seed"]
+    people, order = _people(args)
+    values = settings.check(speed.with_preset({**_generation_values(args), "seed": seed, "pose_image": args.pose,
+                                               "several_people": bool(people), "refine_face": args.refine_face}))
+    for checked_only in ("seed", "pose_image", "several_people", "refine_face"):
+        del values[checked_only]
     settings.check_arguments(refine_strength=(args.refine_face, "refine_strength"))
     values["guidance_interval"] = speed.parse_interval(args.guidance_interval)
-    people, order = _people(args)
     if args.face is None and not args.smoke and not people:
         raise settings.SettingsError(["--face is required: a photo with one clearly visible face (or --person, once "
                                       "per person, for 2 to 4 people)"])
@@ -419,7 +422,7 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
 
 def _generate_options(generate: argparse.ArgumentParser) -> None:
     from instantid_colab.schedulers import SCHEDULERS
-    from instantid_colab.settings import LIMITS, REFINE_STRENGTH
+    from instantid_colab.settings import IDENTITIES, LIMITS, REFINE_STRENGTH
     from instantid_colab.speed import SPEEDS
 
     def limits(name: str, default: object) -> str:
@@ -445,6 +448,12 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
                           help="classifier-free guidance only on these fractions of the steps (e.g. 0.17,0.9); "
                                "outside them the unconditional half is not computed")
     generate.add_argument("--scheduler", help="default: the speed mode's (" + ", ".join(SCHEDULERS) + ")")
+    generate.add_argument("--identity", default=IDENTITIES[0], choices=IDENTITIES,
+                          help="the method that keeps the face: instantid (default; IdentityNet + face adapter) or "
+                               "faceid-plusv2 (IP-Adapter FaceID Plus V2: no IdentityNet, so no --pose, --person, "
+                               "--init-image or --refine-face)")
+    generate.add_argument("--s-scale", type=float, default=1.0,
+                          help="faceid-plusv2's structure weight: " + limits("s_scale", 1.0))
     generate.add_argument("--identitynet-strength", type=float, default=0.8, help=limits("identitynet_strength", 0.8))
     generate.add_argument("--adapter-strength", type=float, default=0.8, help=limits("adapter_strength", 0.8))
     generate.add_argument("--width", type=int, help="multiple of 64, 64 to 1280 (with --height; default: from the photo)")

@@ -145,14 +145,17 @@ class LoraState:
         self.files: dict[str, Path] = {}
         self.active: dict[str, float] = {}
 
-    def apply(self, pipe, wanted: list[tuple[Path, float]], speed: tuple[Path, float] | None = None) -> None:
+    def apply(self, pipe, wanted: list[tuple[Path, float]], speed: tuple[Path, float] | None = None,
+              engine: dict[str, float] | None = None) -> None:
         """Load what is new (each checked first), delete what is no longer asked for, activate the rest. A speed
         preset's LoRA stays loaded (off) for the next fast run until another one is asked for: it is large.
+        `engine`: adapters an identity method loaded itself (FaceID's `faceid_0`), on for this call only.
         A file that does not fit changes nothing."""
         requested = {adapter_name(path): (path, scale) for path, scale in wanted}
         if speed is not None:
             requested[SPEED_PREFIX + adapter_name(speed[0])] = speed
-        if not requested and not self.active:
+        engine = engine or {}
+        if not requested and not self.active and not engine:
             return  # nothing asked, nothing on: asking diffusers would walk every module
         added = []
         try:
@@ -170,5 +173,5 @@ class LoraState:
         for name in [name for name in self.files if name not in requested and not (kept and name.startswith(SPEED_PREFIX))]:
             pipe.delete_adapters(name)
             del self.files[name]
-        self.active = {name: scale for name, (_, scale) in requested.items()}
+        self.active = {**{name: scale for name, (_, scale) in requested.items()}, **engine}
         activate(pipe, self.active)

@@ -233,7 +233,9 @@ def generate(session: InstantIDSession, face: Image.Image | None, prompt: str, r
     """`pipeline.generate` with the form's settings (a live TAESDXL preview in the cell's output when asked),
     then the refine pass when `refine_face` > 0 (its strength)."""
     from instantid_colab import pipeline, refine
+    from instantid_colab.settings import check as check_settings
 
+    check_settings({"identity": settings.get("identity"), "refine_face": refine_face})  # before the image, not after
     if live_preview:
         from IPython.display import display
 

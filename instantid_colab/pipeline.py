@@ -27,7 +27,7 @@ from instantid_colab.components import load as load_component, parameter_device,
 from instantid_colab.images import open_image
 from instantid_colab.png_metadata import attach_metadata
 from instantid_colab.schedulers import SCHEDULERS
-from instantid_colab.settings import MULTIPLE, SettingsError, check as check_settings, check_arguments
+from instantid_colab.settings import IDENTITIES, MULTIPLE, SettingsError, check as check_settings, check_arguments
 from instantid_colab.identity import (
     FaceRegion, IdentityNet, execution_device, face_conditioning, face_tokens, use_face_region_processors,
 )
@@ -41,6 +41,7 @@ from instantid_colab import speed as speed_module
 from instantid_colab.loras import SMOKE_LORA, Lora, LoraState, check_loras
 from instantid_colab.people import AUTO_SIZE, Cast, Person, cast as cast_people, check_people
 from instantid_colab.people import least_alike, likeness as people_likeness
+from instantid_colab.faceid import LORA_ADAPTER as FACEID_LORA
 from instantid_colab.weights import (
     SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, reading, root_of,
 )
@@ -87,14 +88,16 @@ class InstantIDSession:
 
     def view(self, name: str):
         """The same components as diffusers' SDXL ControlNet img2img or inpaint pipeline ("img2img" / "inpaint"),
-        built once, sharing every module."""
+        or its plain SDXL pipeline ("text2img", for an identity method without a ControlNet), built once, sharing
+        every module."""
         if name not in self._views:
             import inspect
 
             import diffusers
 
             kind = getattr(diffusers, {"img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
-                                       "inpaint": "StableDiffusionXLControlNetInpaintPipeline"}[name])
+                                       "inpaint": "StableDiffusionXLControlNetInpaintPipeline",
+                                       "text2img": "StableDiffusionXLPipeline"}[name])
             # Not `from_pipe`: it casts every shared module to one dtype (float32 unless told), which doubles the
             # fp16 UNet in memory on a T4 and puts float32 CPU text encoders in fp16.
             accepted = inspect.signature(kind.__init__).parameters
@@ -103,6 +106,20 @@ class InstantIDSession:
             view.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
             self._views[name] = view
         return self._views[name]
+
+    def faceid(self):
+        """FaceID Plus V2's modules (`faceid.FaceIDEngine`) on this pipeline's UNet, loaded the first time asked for."""
+        if "faceid" not in self._views:
+            from instantid_colab import faceid
+            from instantid_colab.loras import activate
+
+            if self.plan.placement in ("group_offload", "sequential_offload"):
+                raise SettingsError([f"identity {faceid.NAME} is not available with the memory plan "
+                                     f"'{self.plan.placement}' (the UNet streams in blocks, the method's layers would "
+                                     "not follow); use identity instantid on this machine"])
+            self._views["faceid"] = faceid.load(self.pipe, faceid.ensure_files(self.weights), self.plan.face_device)
+            activate(self.pipe, self.loras.active)  # diffusers switched the method's LoRA on for everything
+        return self._views["faceid"]
 
     def annotator_folder(self, kind: str) -> Path:
         return ensure_annotator(self.weights, ANNOTATOR_REPOS[kind], ANNOTATOR_FILES)
@@ -423,6 +440,21 @@ def _one_face(analyzer, face_images: list, combine: str, layout_image, width: in
     return Cast([embedding], bbox[None], kps[None], masks, size)
 
 
+def _embedding_pair(embedding, shape: tuple, negative_noise: float, do_cfg: bool, generator) -> torch.Tensor:
+    """(negative, positive) face embedding in `shape` (positive alone without CFG); the negative is zero, as the
+    official code's, or noise: ComfyUI_InstantID's "noise", which fights the burnt look of a zero negative."""
+    embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(shape)
+    negative = torch.zeros_like(embeds)
+    if negative_noise > 0:
+        negative = negative_noise * torch.randn(embeds.shape, generator=generator)
+    return torch.cat([negative, embeds]) if do_cfg else embeds
+
+
+def _per_image(pair: torch.Tensor, num: int) -> torch.Tensor:
+    """Each half of a (negative, positive) batch repeated per image, negatives first (diffusers' layout)."""
+    return torch.cat([pair[i:i + 1].repeat(num, *[1] * (pair.dim() - 1)) for i in range(pair.shape[0])])
+
+
 class GenerationStopped(Exception):
     """The caller's `should_stop` asked to stop; the pipeline is left ready for the next call."""
 
@@ -435,8 +467,8 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
              lcm: bool = False, extra_face_images: Sequence = (), controls: Sequence[Control] = (),
              loras: Sequence[Lora] = (), init_image=None, init_strength: float = 0.8,
              init_mask=None, people: Sequence[Person] = (), order: Sequence[int] | None = None,
-             speed: str = speed_module.DEFAULT_SPEED, guidance_interval=None,
-             preview: Callable[[int, int, Image.Image], None] | None = None,
+             speed: str = speed_module.DEFAULT_SPEED, guidance_interval=None, identity: str = IDENTITIES[0],
+             s_scale: float = 1.0, preview: Callable[[int, int, Image.Image], None] | None = None,
              preview_every: int = speed_module.PREVIEW_EVERY,
              callback: Callable[[int, int], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
@@ -448,7 +480,9 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     `speed`: a preset of `speed.SPEEDS` (scheduler, steps, guidance, distilled LoRA); `steps`, `guidance_scale`
     and `scheduler` given here win over it (`lcm=True` is the "lcm" preset). `guidance_interval` (start, end):
     CFG only on those fractions of the steps, the unconditional half not computed outside. `preview(step, total,
-    image)` gets a TAESDXL picture every `preview_every` steps.
+    image)` gets a TAESDXL picture every `preview_every` steps. `identity`: the method that keeps the face
+    (`settings.IDENTITIES`); "faceid-plusv2" (IP-Adapter FaceID Plus V2, structure weight `s_scale`) has no
+    IdentityNet, so no keypoint layout, people or start photo.
 
     `controls`: extra ControlNets (pose/canny/depth, a photo to annotate or a ready map, each with a
     strength and a start/end fraction of the steps). `loras`: style LoRAs with scales. `init_image`:
@@ -471,7 +505,8 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         "steps": steps, "guidance_scale": guidance_scale, "seed": seed, "scheduler": scheduler, "width": width,
         "height": height, "num_images": num_images, "enhance_non_face": enhance_non_face,
         "negative_noise": negative_noise, "combine": combine, "lcm": lcm, "init_image": init_image,
-        "init_strength": init_strength,
+        "init_strength": init_strength, "identity": identity, "s_scale": s_scale, "pose_image": pose_image,
+        "several_people": bool(people),
     })
     controls, loras = check_controls(controls), check_loras(loras)
     interval, notices = speed_module.usable_interval(interval, checked["guidance_scale"], resolved["speed"])
@@ -515,13 +550,19 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     }
     if people:
         settings.update(people=cast.describe(photos), order=list(order) if order is not None else None)
+    settings["identity_engine"] = identity
+    face_photos = []
+    if identity != IDENTITIES[0]:
+        face_photos = [open_image(image, "face photo") for image in [face_image, *extra_face_images]]
+        settings.update(identitynet_strength=None, enhance_non_face=None,
+                        identity_settings=session.faceid().describe(checked["s_scale"]))
     label = session.label
     if label:
         settings["label"] = label
     call = dict(prompt=styled_prompt, negative_prompt=styled_negative, cast=cast, kps_images=kps_images,
                 as_people=bool(people), controls=controls, maps=maps, loras=loras, init=init, init_mask=mask,
                 settings=settings, chosen=chosen, interval=interval, preview=preview, preview_every=preview_every,
-                callback=callback, should_stop=should_stop)
+                callback=callback, should_stop=should_stop, face_photos=face_photos)
     try:
         images = _denoise_and_decode(session, notices, **call)
     except _OOM_ERRORS as error:
@@ -541,12 +582,14 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
                         cast: Cast, kps_images: list, as_people: bool, controls: list[Control], maps: list,
                         loras: list[Lora], init, init_mask, settings: dict, chosen, interval, preview,
-                        preview_every: int, callback, should_stop) -> list[Image.Image]:
+                        preview_every: int, callback, should_stop, face_photos: list) -> list[Image.Image]:
     pipe = session.pipe
+    faceid = session.faceid() if settings["identity_engine"] != IDENTITIES[0] else None
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
     num = settings["num_images"]
     speed_lora = (ensure_lora(session.weights, "/".join(chosen.lora)), chosen.lora_scale) if chosen.lora else None
-    session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], speed_lora)
+    session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], speed_lora,
+                        engine={FACEID_LORA: 1.0} if faceid else None)
     placements, nets = _extra_controlnets(session, [control.kind for control in controls], width, height, num)
     for control, placement in zip(settings["controls"], placements):
         control["model"] = CONTROL_MODELS[placement.kind][placement.variant].repo
@@ -558,16 +601,18 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
 
     generator = torch.Generator("cpu").manual_seed(seed)
     do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
-    tokens, pairs = [], []  # per person: face tokens [batch, 16, dim]; (negative, positive) embeddings
-    for embedding in cast.embeddings:
-        embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(1, 1, -1, 512)
-        negative = torch.zeros_like(embeds)
-        if settings["negative_noise"] > 0:  # ComfyUI_InstantID's "noise": fights the burnt look of a zero negative
-            negative = settings["negative_noise"] * torch.randn(embeds.shape, generator=generator)
-        pairs.append(torch.cat([negative, embeds]) if do_cfg else embeds)
-        per_image = torch.cat([pairs[-1][i:i + 1].repeat(num, 1, 1, 1) for i in range(pairs[-1].shape[0])])
-        tokens.append(face_tokens(pipe, per_image, session.device))
-    tokens = torch.cat(tokens, dim=1)  # person 0's tokens first
+    if faceid is None:
+        pairs = [_embedding_pair(embedding, (1, 1, -1, 512), settings["negative_noise"], do_cfg, generator)
+                 for embedding in cast.embeddings]  # per person: (negative, positive) embeddings
+        tokens = torch.cat([face_tokens(pipe, _per_image(pair, num), session.device) for pair in pairs],
+                           dim=1)  # per person face tokens [batch, 16, dim], person 0's first
+    else:
+        pairs = [_embedding_pair(faceid.id_embedding(session.faces, face_photos, settings["combine"]), (1, 1, 512),
+                                 settings["negative_noise"], do_cfg, generator)]
+        states = faceid.clip_states(faceid.face_crops(session.faces, face_photos), session.device,
+                                    parameter_dtype(pipe.unet))
+        tokens = faceid.tokens(_per_image(pairs[0], num), _per_image(states if do_cfg else states[1:], num),
+                               settings["identity_settings"]["s_scale"]).to(session.device)
     region = None if cast.masks is None else FaceRegion(torch.from_numpy(cast.masks))
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
@@ -587,16 +632,22 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     identitynet = pipe.controlnet
     controlnet, images = identitynet, kps_images[0]
     arguments = dict(controlnet_conditioning_scale=settings["identitynet_strength"])
-    if nets or as_people:  # the official multi-ControlNet order: the IdentityNet (each person's) first, then the rest
+    if faceid is not None:  # no IdentityNet: the extra ControlNets alone, or none at all
+        controlnet, images = (MultiControlNetModel(nets), maps) if nets else (None, None)
+        arguments = dict(controlnet_conditioning_scale=[c.strength for c in controls],
+                         control_guidance_start=[c.start for c in controls],
+                         control_guidance_end=[c.end for c in controls]) if nets else {}
+    elif nets or as_people:  # the official multi-ControlNet order: the IdentityNet (each person's) first, then the rest
         slots = [identitynet.person(index) for index in range(len(kps_images))] if as_people else [identitynet]
         controlnet, images = MultiControlNetModel([*slots, *nets]), [*kps_images, *maps]
         arguments = dict(controlnet_conditioning_scale=[settings["identitynet_strength"]] * len(slots)
                          + [c.strength for c in controls],
                          control_guidance_start=[0.0] * len(slots) + [c.start for c in controls],
                          control_guidance_end=[1.0] * len(slots) + [c.end for c in controls])
-    caller = pipe
+    caller = pipe if controlnet is not None else session.view("text2img")
     if init is None:
-        arguments["image"] = images
+        if controlnet is not None:
+            arguments["image"] = images
     else:  # img2img, or inpaint where a mask says which part of the start photo is repainted
         caller = session.view("img2img" if init_mask is None else "inpaint")
         arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=images,
@@ -608,10 +659,18 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     if chosen.eta is not None:
         arguments["eta"] = chosen.eta
     text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
-    with _using_controlnet(caller, controlnet), identitynet.conditioned(tokens, region), \
-            face_conditioning(pipe.unet, session.ip_processors, tokens, region), _text_encoders_detached(caller), \
-            speed_module.conditional_half_only([pipe.unet, controlnet] if interval and do_cfg else [],
-                                               lambda: plan.skipping):
+    with contextlib.ExitStack() as stack:
+        if controlnet is not None:
+            stack.enter_context(_using_controlnet(caller, controlnet))
+        if faceid is None:
+            stack.enter_context(identitynet.conditioned(tokens, region))
+            stack.enter_context(face_conditioning(pipe.unet, session.ip_processors, tokens, region))
+        else:
+            stack.enter_context(faceid.installed(pipe.unet, settings["adapter_strength"]))
+            stack.enter_context(face_conditioning(pipe.unet, [], tokens, None))
+        stack.enter_context(_text_encoders_detached(caller))
+        halved = [model for model in (pipe.unet, controlnet) if model is not None] if interval and do_cfg else []
+        stack.enter_context(speed_module.conditional_half_only(halved, lambda: plan.skipping))
         latents = caller(  # the tokens above stand in for what the UNet would make of these embeddings
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,

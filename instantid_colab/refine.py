@@ -25,7 +25,7 @@ from instantid_colab.images import ImageLike, open_image
 from instantid_colab.loras import Lora
 from instantid_colab.people import Person, faces_in_regions
 from instantid_colab.png_metadata import attach_metadata
-from instantid_colab.settings import REFINE_STRENGTH, check_arguments
+from instantid_colab.settings import IDENTITIES, REFINE_STRENGTH, SettingsError, check_arguments, refine_needs_instantid
 
 CROP_SIZE = 1024  # the crop is made at SDXL's own resolution
 MARGIN = 0.4  # the crop reaches this many face sides beyond the repainted region's box on every side
@@ -101,6 +101,8 @@ def refine_faces(session, result, strength: float = REFINE_STRENGTH, face_image:
     result was made from: `face_image` + `extra_face_images`, or `people`). Changes `result` in place: images,
     likeness (before and after, in the metadata as "refine_face"), notices."""
     (strength,) = check_arguments(strength=(strength, "refine_strength"))
+    if result.settings.get("identity_engine", IDENTITIES[0]) != IDENTITIES[0]:
+        raise SettingsError([refine_needs_instantid(result.settings["identity_engine"])])
     started = time.perf_counter()
     cast = result.cast
     result.refined = [None] * len(result.images)

@@ -62,13 +62,40 @@ LIMITS: dict[str, Bounds] = {
     "det_size": Bounds(160, 1280, True, "insightface's detector input side; the official demo uses 640"),
     "port": Bounds(1, 65535, True, "a TCP port"),
     "pose_batch": Bounds(1, 4096, True, "images per forward pass when measuring throughput"),
+    "s_scale": Bounds(0, 3, source="FaceID Plus V2's structure weight (the card's s_scale): 1 by default"),
     "bench_seeds": Bounds(1, 64, True, "images per person, prompt and setting; PuLID's protocol makes 4 per person"),
 }
 FLAGS = ("enhance_non_face", "lcm")
 PAIRS = ("guidance_interval",)  # LIMITS rows for both ends of a pair, not a setting's own value
 REFINE_STRENGTH = 0.4  # the refine pass's strength when it is only switched on (`--refine-face`, `true`)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-COMBINE_MODES = ("average", "norm_average", "concat")  # several photos of one person: ComfyUI_InstantID's options
+COMBINE_MODES = ("average", "norm_average", "concat")
+IDENTITIES = ("instantid", "faceid-plusv2")  # identity methods on the one loaded SDXL; the first is the default  # several photos of one person: ComfyUI_InstantID's options
+
+
+def identity_problems(values: Mapping[str, Any]) -> list[str]:
+    """What a method without InstantID's IdentityNet cannot do, in a sentence each (`values` as for `check`)."""
+    identity, problems = values["identity"], []
+    if values.get("several_people"):
+        problems.append(f"identity {identity} makes one person: several people need InstantID's IdentityNet "
+                        "(use identity instantid)")
+    if values.get("pose_image") is not None:
+        problems.append(f"identity {identity} has no keypoint layout (the pose image drives InstantID's IdentityNet); "
+                        "give the pose as a ControlNet instead (--control pose=PHOTO)")
+    if values.get("init_image") is not None:
+        problems.append(f"identity {identity} does not start from a photo (img2img and inpaint run through InstantID's "
+                        "IdentityNet); use identity instantid")
+    if values.get("combine") == "concat":
+        problems.append(f"identity {identity} takes one face embedding: combine several photos with average or "
+                        "norm_average, not concat")
+    if values.get("refine_face"):
+        problems.append(refine_needs_instantid(identity))
+    return problems
+
+
+def refine_needs_instantid(identity: str) -> str:
+    return (f"refine_face repaints faces through InstantID's IdentityNet: it is not available with identity {identity} "
+            "(use identity instantid, or leave refine_face off)")
 
 
 class SettingsError(ValueError):
@@ -180,7 +207,7 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     for name in FLAGS:
         if name in values and not isinstance(values[name], bool):
             problems.append(f"{name} {values[name]!r} must be true or false")
-    choices = {"style": tuple(STYLES), "scheduler": tuple(SCHEDULERS), "combine": COMBINE_MODES}
+    choices = {"style": tuple(STYLES), "scheduler": tuple(SCHEDULERS), "combine": COMBINE_MODES, "identity": IDENTITIES}
     for name, allowed in choices.items():  # None: the default (a speed mode's scheduler, say)
         if values.get(name) is not None and values[name] not in allowed:
             problems.append(f"{name} {values[name]!r} is not one of: {', '.join(allowed)}")
@@ -189,6 +216,8 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
         problems.append("give both width and height, or neither (then the official size rule follows the photo)")
     elif width is not None:
         problems += size_problems(width, height)
+    if values.get("identity") not in (None, IDENTITIES[0]):
+        problems += identity_problems(values)
     if values.get("init_image") is not None and not problems:
         steps, strength = checked.get("steps", 30), checked.get("init_strength", 0.8)
         if int(steps * strength) < 1:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root, model_folder
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 4  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 5  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -119,6 +119,7 @@ def build_smoke_weights(root: str | Path | None = None):
         return paths
 
     from instantid_colab.smoke.diffusion import TINY, write_base, write_identitynet
+    from instantid_colab.smoke.faceid import write_faceid
     from instantid_colab.smoke.faces import write_smoke_face_models
 
     unet = write_base(Path(paths.base), TINY)
@@ -129,6 +130,7 @@ def build_smoke_weights(root: str | Path | None = None):
     write_tiny_taesd(root)
     write_smoke_controls(root, unet)
     write_smoke_judges(paths)
+    write_faceid(root, unet)
     face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
     assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
     marker.write_text(json.dumps({"version": _VERSION, "label": SMOKE_LABEL}))

@@ -1,0 +1,268 @@
+"""IP-Adapter FaceID Plus V2 for SDXL (h94/IP-Adapter-FaceID) on the UNet InstantID already loaded.
+
+The method, as the model card and h94's `ip_adapter_faceid.py` (`IPAdapterFaceIDPlusXL`) run it: the face ID
+embedding of insightface's buffalo_l recogniser (not antelopev2's) and the penultimate CLIP ViT-H/14 hidden states of
+the face aligned to 224 px go through a projection (ID -> 4 tokens, refined by a perceiver over the CLIP states,
+added back with weight `s_scale`: "V2"), and the tokens are attended to by IP processors in every cross-attention;
+its file also holds a rank-128 LoRA on every attention layer, always on. No ControlNet.
+
+diffusers loads all of it (`load_ip_adapter`: FaceID Plus projection, IP processors, the file's LoRA as adapter
+`faceid_0`). This module adds what diffusers does not do: checking the file against the UNet before loading,
+keeping the method's processors and projection beside InstantID's so one loaded SDXL switches between them, the
+ID embedding from the buffalo_l recogniser, and the CLIP states computed once per call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from instantid_colab import library_messages
+from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare
+from instantid_colab.components import parameter_dtype
+
+NAME = "faceid-plusv2"
+ADAPTER_REPO, ADAPTER_FILE = "h94/IP-Adapter-FaceID", "ip-adapter-faceid-plusv2_sdxl.bin"
+IMAGE_ENCODER_REPO = "h94/IP-Adapter"  # the card's image_encoder_path: laion's CLIP ViT-H/14, vision tower only
+IMAGE_ENCODER_DIR = "models/image_encoder"
+IMAGE_ENCODER_FILES = (f"{IMAGE_ENCODER_DIR}/config.json", f"{IMAGE_ENCODER_DIR}/model.safetensors")
+RECOGNISER_REPO, RECOGNISER_FILE = "public-data/insightface", "models/buffalo_l/w600k_r50.onnx"  # a buffalo_l mirror
+LORA_ADAPTER = "faceid_0"  # the name diffusers gives the file's LoRA
+CROP_SIDE = 224  # the card's face_align.norm_crop(..., image_size=224)
+ID_DIM, NUM_TOKENS, DIM_HEAD = 512, 4, 64  # ProjPlusModel's defaults, as IPAdapterFaceIDPlusXL builds it
+_LOADER_LOGGERS = ["diffusers.loaders.ip_adapter", "diffusers.models.modeling_utils", "diffusers.loaders.lora_base",
+                   "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft"]
+# Answered here: no image encoder in the pipeline (ours is called directly), diffusers' own cast, and the file's LoRA
+# having no text-encoder part.
+_ANSWERED = ("image_encoder is not loaded", "There are modules in UNet2DConditionModel that should be kept in float32",
+             "No LoRA keys associated to")
+
+
+@dataclass(frozen=True)
+class FaceIDFiles:
+    adapter: Path
+    image_encoder: Path  # a folder with config.json and model.safetensors
+    recogniser: Path
+
+
+def ensure_files(weights, *, downloader=None, progress: bool = True, offline: bool | None = None) -> FaceIDFiles:
+    """The three files FaceID Plus V2 adds to InstantID's, each fetched once under the weights folder."""
+    from instantid_colab.weights import Source, _ensure, hub_downloader, model_folder
+
+    downloader = downloader or hub_downloader
+    folders = {repo: model_folder(weights, "identity", repo) for repo in (ADAPTER_REPO, IMAGE_ENCODER_REPO, RECOGNISER_REPO)}
+    for repo, names, what in ((ADAPTER_REPO, (ADAPTER_FILE,), "The FaceID Plus V2 adapter"),
+                              (IMAGE_ENCODER_REPO, IMAGE_ENCODER_FILES, "The FaceID image encoder (CLIP ViT-H/14)"),
+                              (RECOGNISER_REPO, (RECOGNISER_FILE,), "The buffalo_l face recogniser")):
+        _ensure(Source(repo, names, folders[repo]), f"{what} {repo}", downloader, progress, offline)
+    return FaceIDFiles(adapter=folders[ADAPTER_REPO] / ADAPTER_FILE,
+                       image_encoder=folders[IMAGE_ENCODER_REPO] / IMAGE_ENCODER_DIR,
+                       recogniser=folders[RECOGNISER_REPO] / RECOGNISER_FILE)
+
+
+def read_state_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """`{"image_proj": ..., "ip_adapter": ...}` from the official pickle (weights_only) or a safetensors copy."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            groups: dict[str, dict[str, torch.Tensor]] = {IMAGE_PROJ: {}, IP_ADAPTER: {}}
+            for key in handle.keys():
+                group, _, rest = key.partition(".")
+                groups.setdefault(group, {})[rest] = handle.get_tensor(key)
+            return groups
+    except Exception:  # noqa: BLE001 - not safetensors: the official file is a pickle
+        pass
+    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    if not isinstance(loaded, dict) or set(loaded) != {IMAGE_PROJ, IP_ADAPTER}:
+        keys = list(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
+        raise AdapterError(f"{path}: expected the groups image_proj and ip_adapter, found {keys}. This is not "
+                           f"{ADAPTER_REPO} {ADAPTER_FILE}; download it again (download --force {path}).")
+    return loaded
+
+
+def unet_processors(unet) -> dict:
+    """The UNet's own attention processors by layer name, in `attn_processors` order (the order of the file's
+    numbered keys, as the official `ModuleList(attn_processors.values())` on a UNet without an adapter); not those
+    inside a loaded adapter's projection, which diffusers also lists."""
+    return {name: processor for name, processor in unet.attn_processors.items()
+            if not name.startswith("encoder_hid_proj.")}
+
+
+def set_processors(unet, processors: dict) -> None:
+    """Put these processors on their layers (the others untouched; `set_attn_processor` wants every layer)."""
+    for name, processor in processors.items():
+        unet.get_submodule(name.removesuffix(".processor")).set_processor(processor)
+
+
+def _attention_shapes(unet) -> list[tuple[int, int, bool]]:
+    """(width, key/value input width, is cross-attention) of every UNet attention layer, in file order."""
+    shapes = []
+    for name in unet_processors(unet):
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        shapes.append((attention.to_q.in_features, attention.to_k.in_features, name.endswith("attn2.processor")))
+    return shapes
+
+
+def expected_shapes(unet, clip_width: int, rank: int) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Every key and shape of a FaceID Plus file for this UNet, a CLIP encoder `clip_width` wide and LoRA `rank`."""
+    dim = unet.config.cross_attention_dim
+    image_proj = {"proj.0.weight": (2 * ID_DIM, ID_DIM), "proj.0.bias": (2 * ID_DIM,),
+                  "proj.2.weight": (dim * NUM_TOKENS, 2 * ID_DIM), "proj.2.bias": (dim * NUM_TOKENS,),
+                  "norm.weight": (dim,), "norm.bias": (dim,)}
+    resampler = {"proj_in.weight": (dim, clip_width), "proj_in.bias": (dim,), "proj_out.weight": (dim, dim),
+                 "proj_out.bias": (dim,), "norm_out.weight": (dim,), "norm_out.bias": (dim,)}
+    for layer in range(4):
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            resampler.update({f"layers.{layer}.{norm}.weight": (dim,), f"layers.{layer}.{norm}.bias": (dim,)})
+        resampler.update({f"layers.{layer}.0.to_q.weight": (dim, dim), f"layers.{layer}.0.to_kv.weight": (2 * dim, dim),
+                          f"layers.{layer}.0.to_out.weight": (dim, dim), f"layers.{layer}.1.1.weight": (4 * dim, dim),
+                          f"layers.{layer}.1.3.weight": (dim, 4 * dim)})
+    image_proj.update({f"perceiver_resampler.{key}": shape for key, shape in resampler.items()})
+    ip_adapter = {}
+    for index, (width, kv_width, cross) in enumerate(_attention_shapes(unet)):
+        for part, source in (("q", width), ("k", kv_width), ("v", kv_width), ("out", width)):
+            ip_adapter[f"{index}.to_{part}_lora.down.weight"] = (rank, source)
+            ip_adapter[f"{index}.to_{part}_lora.up.weight"] = (width, rank)
+        if cross:
+            ip_adapter[f"{index}.to_k_ip.weight"] = ip_adapter[f"{index}.to_v_ip.weight"] = (width, kv_width)
+    return {IMAGE_PROJ: image_proj, IP_ADAPTER: ip_adapter}
+
+
+def check_fits(state_dict: dict, unet, clip_width: int, source: str) -> None:
+    """AdapterError naming every missing, unexpected or misshapen key when the file does not fit this UNet."""
+    lora_down = state_dict[IP_ADAPTER].get("0.to_q_lora.down.weight")
+    rank = lora_down.shape[0] if lora_down is not None else 128
+    expected = expected_shapes(unet, clip_width, rank)
+    problems = [f"{group}.{line}" for group in (IMAGE_PROJ, IP_ADAPTER)
+                for line in _compare(expected[group], {k: tuple(v.shape) for k, v in state_dict[group].items()})]
+    if problems:
+        shown = "\n".join(f"  - {problem}" for problem in problems[:12])
+        more = f"\n  - ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise AdapterError(f"{source}: does not fit this SDXL UNet and image encoder as a FaceID Plus V2 adapter.\n"
+                           f"{shown}{more}\nNext step: use {ADAPTER_REPO} {ADAPTER_FILE} (the SDXL file, not sd15) "
+                           f"with {IMAGE_ENCODER_REPO} {IMAGE_ENCODER_DIR} (CLIP ViT-H/14); `download --force FILE` "
+                           "fetches a damaged one again.")
+
+
+@dataclass
+class FaceIDEngine:
+    """FaceID Plus V2's own modules, loaded once beside InstantID's on the same UNet."""
+
+    processors: dict  # attention-layer name -> processor, as `unet.attn_processors` gives them
+    projection: torch.nn.Module  # diffusers' MultiIPAdapterImageProjection holding IPAdapterFaceIDPlusImageProjection
+    image_encoder: torch.nn.Module
+    feature_extractor: object
+    recogniser: object  # insightface's ArcFaceONNX on buffalo_l's w600k_r50
+    files: FaceIDFiles
+
+    @property
+    def ip_processors(self) -> list:
+        return [p for p in self.processors.values() if hasattr(p, "to_k_ip")]
+
+    def describe(self, s_scale: float) -> dict:
+        return {"s_scale": s_scale, "model_files": [f"{ADAPTER_REPO}/{ADAPTER_FILE}",
+                                                    f"{IMAGE_ENCODER_REPO}/{IMAGE_ENCODER_DIR}",
+                                                    f"{RECOGNISER_REPO}/{RECOGNISER_FILE}"]}
+
+    def id_embedding(self, analyzer, photos: list, combine: str) -> np.ndarray:
+        """buffalo_l's normed embedding of each photo's largest face (our detector's keypoints), combined as for
+        InstantID's photos; the card's `faces[0].normed_embedding`."""
+        from instantid_colab.faces import combine_embeddings
+
+        embeddings = []
+        for photo in photos:
+            face = analyzer.detect(photo)
+            bgr = np.ascontiguousarray(np.asarray(photo.convert("RGB"))[:, :, ::-1])  # insightface reads BGR
+            feature = self.recogniser.get(bgr, face)
+            embeddings.append(feature / np.linalg.norm(feature))
+        return combine_embeddings(embeddings, combine)
+
+    def face_crops(self, analyzer, photos: list) -> list[np.ndarray]:
+        """Each photo's face aligned to 224 px by its five keypoints (the card's face_align.norm_crop), in RGB."""
+        from insightface.utils import face_align
+
+        return [face_align.norm_crop(np.asarray(photo.convert("RGB")), landmark=analyzer.detect(photo).kps,
+                                     image_size=CROP_SIDE) for photo in photos]
+
+    def clip_states(self, crops: list[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[2, 1, 257, width]: the penultimate hidden states of the zero image (negative, as the official code) and
+        of the crops (averaged over several photos). The encoder visits `device` only for this call."""
+        pixels = self.feature_extractor(images=crops, return_tensors="pt").pixel_values
+        encoder, home = self.image_encoder, next(self.image_encoder.parameters()).device
+        encoder.to(device)
+        try:
+            with torch.no_grad():
+                pixels = pixels.to(device, parameter_dtype(encoder))
+                states = encoder(pixels, output_hidden_states=True).hidden_states[-2].mean(0, keepdim=True)
+                empty = encoder(torch.zeros_like(pixels[:1]), output_hidden_states=True).hidden_states[-2]
+        finally:
+            encoder.to(home)
+        return torch.cat([empty, states])[:, None].to(dtype)
+
+    def tokens(self, id_embeds: torch.Tensor, clip_states: torch.Tensor, s_scale: float) -> torch.Tensor:
+        """[batch, 4, cross_dim] for id embeds [batch, 1, 512] and CLIP states [batch, 1, 257, width], once per call
+        (the UNet would recompute them at every step): diffusers' FaceID Plus projection with the V2 shortcut."""
+        layer = self.projection.image_projection_layers[0]
+        parameter = next(layer.parameters())
+        layer.clip_embeds, layer.shortcut, layer.shortcut_scale = clip_states.to(parameter), True, s_scale
+        try:
+            with torch.no_grad():
+                return self.projection([id_embeds.to(parameter)])[0][:, 0]
+        finally:
+            layer.clip_embeds = None
+
+    @contextlib.contextmanager
+    def installed(self, unet, strength: float) -> Iterator[None]:
+        """This method's processors (at `strength`) and projection on `unet` for one call; InstantID's afterwards."""
+        own_processors, own_projection = unet_processors(unet), unet.encoder_hid_proj
+        for processor in self.ip_processors:
+            processor.scale = [strength]
+        set_processors(unet, self.processors)
+        unet.encoder_hid_proj = self.projection
+        try:
+            yield
+        finally:
+            set_processors(unet, own_processors)
+            unet.encoder_hid_proj = own_projection
+
+
+def load(pipe, files: FaceIDFiles, recogniser_device: str = "cpu") -> FaceIDEngine:
+    """Load the file through diffusers onto `pipe.unet` (checked first), keep its modules, give InstantID's back."""
+    from insightface.model_zoo import model_zoo
+    from transformers import CLIPVisionModelWithProjection
+
+    from instantid_colab.components import load as load_component, pil_image_processor
+    from instantid_colab.weights import reading
+
+    unet = pipe.unet
+    dtype = parameter_dtype(unet)
+    with reading("the FaceID image encoder", files.image_encoder):
+        image_encoder = load_component(CLIPVisionModelWithProjection, files.image_encoder, "cpu", dtype).eval()
+    with reading("the FaceID adapter", files.adapter):
+        state_dict = read_state_dict(files.adapter)
+    check_fits(state_dict, unet, image_encoder.config.hidden_size, str(files.adapter))
+    own_processors, own_projection = unet_processors(unet), unet.encoder_hid_proj
+    weights_device = next(unet.parameters()).device
+    state_dict = {group: {k: v.to(weights_device, dtype) for k, v in tensors.items()} for group, tensors in state_dict.items()}
+    with library_messages.without(_LOADER_LOGGERS, _ANSWERED):
+        pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
+    engine_processors, projection = unet_processors(unet), unet.encoder_hid_proj
+    set_processors(unet, own_processors)
+    unet.encoder_hid_proj = own_projection
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if recogniser_device == "cuda" else ["CPUExecutionProvider"]
+    with reading("the buffalo_l recogniser", files.recogniser):
+        recogniser = model_zoo.get_model(str(files.recogniser), providers=providers)
+    if recogniser is None or getattr(recogniser, "taskname", None) != "recognition":
+        raise AdapterError(f"{files.recogniser}: insightface does not read it as a face recogniser; download "
+                           f"{RECOGNISER_REPO} {RECOGNISER_FILE} again (download --force {files.recogniser}).")
+    recogniser.prepare(ctx_id=0 if recogniser_device == "cuda" else -1)
+    return FaceIDEngine(processors=engine_processors, projection=projection, image_encoder=image_encoder,
+                        feature_extractor=pil_image_processor("CLIPImageProcessor")(size=CROP_SIDE, crop_size=CROP_SIDE),
+                        recogniser=recogniser, files=files)
