@@ -150,14 +150,17 @@ def render_settings(seed: int, settings: dict[str, Any], seconds: float, label: 
 SMOKE_PLAN_NOTE = "(the plan's estimates are for the full-size models; this smoke session loaded tiny ones)"
 
 
-def render_memory(plan: memory.MemoryPlan | None, smoke: bool = False, extra=()) -> str:
-    """Markdown for the live memory panel: RAM/VRAM now, the memory plan with its why, and where the
-    extra ControlNets of the last run live (`extra`: their memory.ControlPlacement)."""
+def render_memory(plan: memory.MemoryPlan | None, smoke: bool = False, extra=(), identity_methods=()) -> str:
+    """Markdown for the live memory panel: RAM/VRAM now, the memory plan with its why, where the
+    extra ControlNets of the last run live (`extra`: their memory.ControlPlacement) and what each identity
+    method has loaded where (`InstantIDSession.identity_methods`)."""
     sections = [("Memory now", memory.snapshot().render())]
     if plan is not None:
         sections.append(("Memory plan", plan.render() + (f"\n{SMOKE_PLAN_NOTE}" if smoke else "")))
     if extra:
         sections.append(("Extra ControlNets", "\n".join(placement.render() for placement in extra)))
+    if identity_methods:
+        sections.append(("Identity methods", "\n".join(identity_methods)))
     return "\n\n".join(
         f"**{title}**\n" + "\n".join(f"- {line}" for line in text.splitlines()) for title, text in sections
     )
@@ -627,7 +630,8 @@ def _results(session: pipeline.InstantIDSession) -> dict[str, Any]:
     named["kps"] = gr.Image(label="Face keypoints used", type="pil", interactive=False, elem_id="kps")
     named["maps"] = gr.Gallery(label="What the pose / canny / depth ControlNets saw", columns=3, height=200,
                                elem_id="control-maps")
-    named["memory"] = gr.Markdown(render_memory(session.plan, session.smoke), elem_id="memory")
+    named["memory"] = gr.Markdown(render_memory(session.plan, session.smoke, identity_methods=session.identity_methods()),
+                                  elem_id="memory")
     _likeness_help()
     return named
 
@@ -662,7 +666,8 @@ def _wire(app: gr.Blocks, session: pipeline.InstantIDSession, line: GpuLine, inp
 
     def refresh() -> str:
         placements = [placement for placement, _ in session.controlnets.loaded.values()]
-        return render_memory(session.plan, session.smoke, placements)  # an OOM retry changes the plan
+        return render_memory(session.plan, session.smoke, placements,  # an OOM retry changes the plan
+                             session.identity_methods())
 
     if hasattr(gr, "Timer"):
         gr.Timer(MEMORY_REFRESH_S).tick(refresh, outputs=outputs["memory"], queue=False, show_progress="hidden")

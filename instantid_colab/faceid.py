@@ -166,6 +166,18 @@ class FaceIDEngine:
     def ip_processors(self) -> list:
         return [p for p in self.processors.values() if hasattr(p, "to_k_ip")]
 
+    def where(self) -> str:
+        """Where this method's modules are, in numbers a person reads (the app's memory panel)."""
+        layers = [*self.projection.parameters(), *(p for processor in self.ip_processors for p in processor.parameters())]
+        encoder = list(self.image_encoder.parameters())
+
+        def size(parameters) -> str:
+            return f"{sum(p.numel() * p.element_size() for p in parameters) / 2**30:.2f} GiB"
+
+        return (f"{NAME}: projection and IP layers on {layers[0].device.type} ({size(layers)}, its LoRA inside the "
+                f"UNet); CLIP ViT-H image encoder on {encoder[0].device.type} ({size(encoder)}, on the GPU only for "
+                "its one encode per picture)")
+
     def describe(self, s_scale: float) -> dict:
         return {"s_scale": s_scale, "model_files": [f"{ADAPTER_REPO}/{ADAPTER_FILE}",
                                                     f"{IMAGE_ENCODER_REPO}/{IMAGE_ENCODER_DIR}",

@@ -121,6 +121,13 @@ class InstantIDSession:
             activate(self.pipe, self.loras.active)  # diffusers switched the method's LoRA on for everything
         return self._views["faceid"]
 
+    def identity_methods(self) -> list[str]:
+        """One line per identity method: what is loaded, and where (the app's memory panel)."""
+        loaded = self._views.get("faceid")
+        return ["instantid: IdentityNet and face adapter, loaded with the pipeline (the default)",
+                loaded.where() if loaded is not None else
+                f"{IDENTITIES[1]}: not loaded (loads, and downloads about 4 GB once, the first time it is asked for)"]
+
     def annotator_folder(self, kind: str) -> Path:
         return ensure_annotator(self.weights, ANNOTATOR_REPOS[kind], ANNOTATOR_FILES)
 

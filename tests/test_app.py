@@ -504,3 +504,17 @@ def test_the_page_reads_sizes_and_orders_as_the_command_line_does(smoke_session,
     smoke.sample_face_image(face_color=(120, 200, 240)).save(other)
     with pytest.raises(gr.Error, match=r"order places the people on the faces of the pose \(layout\) photo"):
         run(app._generate_handler(smoke_session), person_1=face_file, person_2=str(other), order="2,1", steps=1)
+
+
+def test_the_identity_method_reaches_the_core_and_the_memory_panel_says_where_it_is(smoke_session, face_file):
+    handler = app._generate_handler(smoke_session)
+    assert "faceid-plusv2: not loaded" in app.render_memory(None, identity_methods=smoke_session.identity_methods())
+    gallery, *_ = run(handler, face_path=face_file, steps=2, size="128x128", identity="faceid-plusv2", s_scale=0.5)
+    (image, _), = gallery
+    metadata = json.loads(image.info["instantid"])
+    assert (metadata["identity_engine"], metadata["identity_settings"]["s_scale"]) == ("faceid-plusv2", 0.5)
+    panel = app.render_memory(None, identity_methods=smoke_session.identity_methods())
+    assert "**Identity methods**" in panel
+    assert re.search(r"faceid-plusv2: projection and IP layers on cpu \(0\.\d\d GiB.*image encoder on cpu", panel)
+    with pytest.raises(gr.Error, match="refine_face repaints faces through InstantID's IdentityNet"):
+        run(handler, face_path=face_file, steps=2, size="128x128", identity="faceid-plusv2", refine_on=True)
