@@ -1,13 +1,15 @@
 """What IP-Adapter FaceID Plus V2 costs beside InstantID on the same loaded SDXL, side by side in one process.
 
     python3 benchmarks/bench_faceid.py --out OUT [--speeds 10sm] [--steps 30] [--rounds 3] [--in-a-row 20]
+                                       [--placement model_offload]
 
 The plan and memory cap of a free T4 (14.75 GiB), 1024x1024, guidance 5, random full-size weights (smoke: random
 weights): SDXL, the IdentityNet and InstantID's adapter as bench_generate writes them, FaceID Plus V2's adapter with
 every key and shape of the real file (LoRA rank 128) and CLIP ViT-H/14 at its real sizes. Reported: the first FaceID
 load (files to modules), s/image of each method alternating over `--rounds` (equal steps), peak VRAM allocated per
 method, what switching costs (the processors swapped in and out), and host RSS over `--in-a-row` FaceID pictures
-(the failure PuLID's Colab notebook has). The pictures are noise; time and memory are real.
+(the failure PuLID's Colab notebook has). `--placement`: a lighter plan than the T4's (as an out-of-memory retry
+steps down to it), to see the method under CPU offload. The pictures are noise; time and memory are real.
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ def measure(speed: str) -> dict:
     from instantid_colab import memory, pipeline, smoke
 
     _enter_speed(speed)
-    session = pipeline.load_pipeline(_weights(Path(ARGS.weights)), memory.choose_plan(T4_RAM_GIB, T4_VRAM_GIB),
-                                     progress=False)
+    plan = memory.choose_plan(T4_RAM_GIB, T4_VRAM_GIB)
+    while ARGS.placement and plan.placement != ARGS.placement:
+        plan = memory.step_down(plan)
+        if plan is None:
+            raise SystemExit(f"no plan with placement {ARGS.placement} below the T4's")
+    session = pipeline.load_pipeline(_weights(Path(ARGS.weights)), plan, progress=False)
     photo = smoke.sample_face_image(512)
 
     def make(identity: str, steps: int) -> tuple[float, float]:
@@ -104,6 +110,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--in-a-row", type=int, default=20)
+    parser.add_argument("--placement", help="a lighter memory plan than the T4's, e.g. model_offload")
     parser.add_argument("--weights", default="/tmp/bench_weights")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     ARGS = parser.parse_args()
