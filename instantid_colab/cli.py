@@ -36,16 +36,16 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems],
                             "notes": [vars(note) for note in notes]}
-        report = {"environment": environment_dict, "memory": None, "plan": None, "controls": None,
+        report = {"environment": environment_dict, "memory": None, "plan": None, "controls": None, "identity_methods": None,
                   "colab_image": {"source": image.source, "python": image.python,
                                   "differences": [vars(difference) for difference in moved]}}
         if measured is None:
             report["memory_error"] = missing
         else:
-            snap, plan, outlook = measured
+            snap, plan, outlook, identities = measured
             report.update(memory=snap.to_dict(), plan=plan.to_dict(),
                           controls={name: value if isinstance(value, str) else [vars(p) for p in value]
-                                    for name, value in outlook.items()})
+                                    for name, value in outlook.items()}, identity_methods=identities)
         print(json.dumps(report, indent=2))
     else:
         print(env.render(), "", *(problem.render() for problem in problems + notes), "", _image_lines(image, moved),
@@ -53,10 +53,11 @@ def _doctor(args: argparse.Namespace) -> int:
         if measured is None:
             print(missing)
         else:
-            snap, plan, outlook = measured
+            snap, plan, outlook, identities = measured
             lines = [f"{name}: " + (value if isinstance(value, str) else "; ".join(p.render() for p in value))
                      for name, value in outlook.items()]
-            print(snap.render(), "", plan.render(), "", "Extra ControlNets (estimate, 1024x1024):", *lines, sep="\n")
+            print(snap.render(), "", plan.render(), "", "Extra ControlNets (estimate, 1024x1024):", *lines, "",
+                  "Identity methods (estimate):", *(f"{name}: {text}" for name, text in identities.items()), sep="\n")
         if not problems:
             print("\nNo problems found.")
     return 1 if any(problem.severity == "error" for problem in problems) else 0
@@ -71,7 +72,8 @@ def _image_lines(image, moved: list) -> str:
 
 
 def _memory_outlook():
-    """(snapshot, plan, where extra ControlNets would go); ImportError when psutil is not installed."""
+    """(snapshot, plan, where extra ControlNets would go, what each identity method adds); ImportError when psutil
+    is not installed."""
     from instantid_colab import controls, memory
 
     snap = memory.snapshot()
@@ -79,7 +81,7 @@ def _memory_outlook():
     combinations = {name: controls.options(kinds) for name, kinds in CONTROL_COMBINATIONS.items()}
     outlook = memory.controls_outlook(plan, combinations, snap.gpus[0].free_gib if snap.gpus else None,
                                       snap.ram_available_gib)
-    return snap, plan, outlook
+    return snap, plan, outlook, memory.identity_outlook(plan)
 
 
 def _install(args: argparse.Namespace) -> int:

@@ -40,6 +40,8 @@ WEIGHTS_FP16 = {
     "ip_layers": 0.63,  # to_k_ip/to_v_ip inside UNet attention: offloaded with the UNet blocks
     "vae": 0.16,
 }
+FACEID_LAYERS = 1.39  # FaceID Plus V2 SDXL: projection 217M + IP layers and rank-128 LoRA 527M params, fp16
+FACEID_IMAGE_ENCODER = 1.18  # CLIP ViT-H/14 vision tower, 632M params, fp16
 TEXT_ENCODERS_CPU = 3.0  # on CPU they run in float32 (fp16 matmuls on CPU are slow or missing)
 FACE_MODELS_GPU = 0.6  # antelopev2 in onnxruntime CUDA: ~0.4 GiB weights + arena
 FACE_MODELS_CPU = 0.4
@@ -552,6 +554,19 @@ def plan_controls(plan: MemoryPlan, options: dict[str, list[tuple[str, float]]],
                 f"neither the GPU ({max(vram_left or 0.0, 0.0):.1f} GiB left beside the loaded models) nor RAM "
                 f"({max(ram_left, 0.0):.1f} GiB left) has it. Use fewer controls, or a smaller output size.")
     return tuple(placements)
+
+
+def identity_outlook(plan: MemoryPlan) -> dict[str, str]:
+    """For `doctor`: what each identity method adds under `plan` and where it goes, before anything loads."""
+    if plan.placement in ("group_offload", "sequential_offload"):
+        faceid = f"not available under {plan.placement} (the UNet streams in blocks; its layers would not follow)"
+    else:
+        where = "the GPU" if plan.placement == "gpu" else "the CPU, moving with the UNet" if plan.placement == \
+            "model_offload" else "the CPU"
+        faceid = (f"{FACEID_LAYERS:.2f} GiB of layers beside the UNet on {where}; CLIP ViT-H/14 "
+                  f"{FACEID_IMAGE_ENCODER:.2f} GiB on the CPU, on the GPU only while it encodes (loaded the first "
+                  "time the method is asked for)")
+    return {"instantid": "IdentityNet and face adapter, loaded with the pipeline (the default)", "faceid-plusv2": faceid}
 
 
 def controls_outlook(plan: MemoryPlan, combinations: dict[str, dict[str, list[tuple[str, float]]]],

@@ -17,7 +17,8 @@ def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
     done = subprocess.run([sys.executable, "-m", "instantid_colab", "doctor", "--json"], cwd=ROOT,
                           capture_output=True, text=True, check=False)
     data = json.loads(done.stdout)
-    assert set(data) == {"environment", "memory", "plan", "controls", "colab_image"}
+    assert set(data) == {"environment", "memory", "plan", "controls", "identity_methods", "colab_image"}
+    assert list(data["identity_methods"]) == ["instantid", "faceid-plusv2"]
     assert all(note["severity"] == "note" for note in data["environment"]["notes"])
     assert list(data["controls"]) == ["+pose", "+pose+canny+depth"]
     if not data["environment"]["cuda_available"]:
@@ -26,6 +27,7 @@ def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
     assert data["memory"]["ram_total_gib"] > 0
     if not data["environment"]["cuda_available"]:
         assert data["plan"]["placement"] == "cpu"
+        assert data["identity_methods"]["faceid-plusv2"].startswith("1.39 GiB of layers beside the UNet on the CPU")
         assert {"package": "cuda", "severity": "warning"}.items() <= data["environment"]["problems"][-1].items()
     assert done.returncode == (1 if any(p["severity"] == "error" for p in data["environment"]["problems"]) else 0)
 
