@@ -166,6 +166,13 @@ class FaceIDEngine:
     def ip_processors(self) -> list:
         return [p for p in self.processors.values() if hasattr(p, "to_k_ip")]
 
+    def to(self, device: str) -> None:
+        """Move the layers that wait off the UNet (projection, IP layers) to `device` (an offload plan: the CPU).
+        The LoRA is inside the UNet and goes where the plan puts the UNet."""
+        self.projection.to(device)
+        for processor in self.ip_processors:
+            processor.to(device)
+
     def where(self) -> str:
         """Where this method's modules are, in numbers a person reads (the app's memory panel)."""
         layers = [*self.projection.parameters(), *(p for processor in self.ip_processors for p in processor.parameters())]

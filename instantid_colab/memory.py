@@ -40,6 +40,7 @@ WEIGHTS_FP16 = {
     "ip_layers": 0.63,  # to_k_ip/to_v_ip inside UNet attention: offloaded with the UNet blocks
     "vae": 0.16,
 }
+STREAMED_PLACEMENTS = ("group_offload", "sequential_offload")  # the UNet in blocks: a method's own layers cannot follow
 FACEID_LAYERS = 1.39  # FaceID Plus V2 SDXL: projection 217M + IP layers and rank-128 LoRA 527M params, fp16
 FACEID_IMAGE_ENCODER = 1.18  # CLIP ViT-H/14 vision tower, 632M params, fp16
 TEXT_ENCODERS_CPU = 3.0  # on CPU they run in float32 (fp16 matmuls on CPU are slow or missing)
@@ -558,7 +559,7 @@ def plan_controls(plan: MemoryPlan, options: dict[str, list[tuple[str, float]]],
 
 def identity_outlook(plan: MemoryPlan) -> dict[str, str]:
     """For `doctor`: what each identity method adds under `plan` and where it goes, before anything loads."""
-    if plan.placement in ("group_offload", "sequential_offload"):
+    if plan.placement in STREAMED_PLACEMENTS:
         faceid = f"not available under {plan.placement} (the UNet streams in blocks; its layers would not follow)"
     else:
         where = "the GPU" if plan.placement == "gpu" else "the CPU, moving with the UNet" if plan.placement == \

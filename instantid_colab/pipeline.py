@@ -113,7 +113,7 @@ class InstantIDSession:
             from instantid_colab import faceid
             from instantid_colab.loras import activate
 
-            if self.plan.placement in ("group_offload", "sequential_offload"):
+            if self.plan.placement in memory.STREAMED_PLACEMENTS:
                 raise SettingsError([f"identity {faceid.NAME} is not available with the memory plan "
                                      f"'{self.plan.placement}' (the UNet streams in blocks, the method's layers would "
                                      "not follow); use identity instantid on this machine"])
@@ -340,15 +340,21 @@ class OutOfMemory(MemoryError):
     so every boundary that tells a person "out of memory" (CLI, app, batch) catches it without importing this."""
 
 
-def _oom_retry_plan(session: InstantIDSession, error: BaseException) -> str:
-    """Free memory, step the plan down and apply it; returns the notice (raises when there is no lighter plan)."""
+def _oom_retry_plan(session: InstantIDSession, error: BaseException, identity: str = IDENTITIES[0]) -> str:
+    """Free memory, step the plan down and apply it; returns the notice (raises when there is no lighter plan,
+    or none that `identity` runs under: FaceID needs the UNet whole, not streamed in blocks)."""
     memory.cleanup()
     lighter = memory.step_down(session.plan)
+    while lighter is not None and identity != IDENTITIES[0] and lighter.placement in memory.STREAMED_PLACEMENTS:
+        lighter = memory.step_down(lighter)
     if lighter is None:
         raise OutOfMemory(
-            f"Out of GPU memory with the lightest memory plan ({session.plan.placement}): {error}. "
-            "Try a smaller width/height or fewer images.") from error
+            f"Out of GPU memory with the lightest memory plan {identity} runs under ({session.plan.placement}): "
+            f"{error}. Try a smaller width/height or fewer images"
+            f"{'' if identity == IDENTITIES[0] else ', or identity instantid'}.") from error
     memory.apply(lighter, session.pipe)
+    if "faceid" in session._views and lighter.placement != "gpu":  # its layers wait off the UNet: on the CPU
+        session._views["faceid"].to("cpu")
     notice = (f"Ran out of GPU memory with plan '{session.plan.placement}'; switched to "
               f"'{lighter.placement}' ({lighter.why}) and ran again.")
     session.plan = lighter
@@ -573,7 +579,7 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     try:
         images = _denoise_and_decode(session, notices, **call)
     except _OOM_ERRORS as error:
-        notices.append(_oom_retry_plan(session, error))
+        notices.append(_oom_retry_plan(session, error, identity))
         images = _denoise_and_decode(session, notices, **call)
 
     result = GenerationResult(images=images, seed=checked["seed"], settings=settings, kps_image=kps_image, seconds=0.0,

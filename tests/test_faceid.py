@@ -334,3 +334,27 @@ def test_the_identity_is_a_bench_grid_dimension_and_a_manifest_column(tmp_path):
     (tmp_path / "rows.csv").write_text("face,identity,s_scale\nface.png,faceid-plusv2,0.5\n")
     (row,) = batch.prepare_rows(tmp_path / "rows.csv", smoke=True)
     assert (row.values["identity"], row.values["s_scale"]) == ("faceid-plusv2", 0.5)
+
+
+def test_out_of_memory_with_faceid_steps_down_past_the_plans_it_cannot_run_under(setup, monkeypatch):
+    """From model offload the next plans stream the UNet in blocks; FaceID says so instead of breaking there."""
+    session, _ = setup
+    session.faceid()
+    offload = dataclasses.replace(session.plan, placement="model_offload")
+    steps = {"model_offload": dataclasses.replace(offload, placement="group_offload"),
+             "group_offload": dataclasses.replace(offload, placement="sequential_offload"), "sequential_offload": None}
+    monkeypatch.setattr(memory, "step_down", lambda plan: steps[plan.placement])
+    monkeypatch.setattr(session, "plan", offload)
+
+    def out_of_memory(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = session.pipe.unet.register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(pipeline.OutOfMemory, match=r"lightest memory plan faceid-plusv2 runs under "
+                                                        r"\(model_offload\).*or identity instantid"):
+            pipeline.generate(session, smoke.sample_face_image(256), "a portrait", identity="faceid-plusv2",
+                              width=128, height=128, steps=2)
+    finally:
+        handle.remove()
+    assert session.plan.placement == "model_offload"
