@@ -358,3 +358,25 @@ def test_out_of_memory_with_faceid_steps_down_past_the_plans_it_cannot_run_under
     finally:
         handle.remove()
     assert session.plan.placement == "model_offload"
+
+
+def test_faceid_runs_with_a_speed_mode_a_style_lora_and_an_extra_controlnet(setup, monkeypatch):
+    """Its LoRA is on beside the speed mode's and the style LoRA for its call only; the canny net alone is the
+    pipeline's ControlNet (no IdentityNet), fed its edge map."""
+    from instantid_colab.controls import Control
+    from instantid_colab.loras import Lora
+
+    session, _ = setup
+    seen, using = [], pipeline._using_controlnet
+    monkeypatch.setattr(pipeline, "_using_controlnet", lambda caller, net: seen.append(net) or using(caller, net))
+    photo = smoke.sample_face_image(256)
+    result = pipeline.generate(session, photo, "a portrait", identity="faceid-plusv2", speed="lightning-4",
+                               width=128, height=128, loras=[Lora("smoke", 0.5)],
+                               controls=[Control("canny", smoke.sample_face_image(256), 0.5, 0.0, 1.0, False)])
+    assert sorted(session.loras.active.values()) == [0.5, 1.0, 1.0] and session.loras.active["faceid_0"] == 1.0
+    (net,) = seen
+    assert [type(model).__name__ for model in net.nets] == ["ControlNetModel"]
+    assert result.settings["controls"][0]["model"] == "diffusers/controlnet-canny-sdxl-1.0"
+    assert result.settings["speed"]["name"] == "lightning-4" and result.settings["steps"] == 4
+    pipeline.generate(session, photo, "a portrait", width=128, height=128, steps=2)
+    assert "faceid_0" not in session.loras.active
