@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from instantid_colab import library_messages
-from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare
+from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, _is_safetensors
 from instantid_colab.components import parameter_dtype
 
 NAME = "faceid-plusv2"
@@ -68,17 +68,15 @@ def ensure_files(weights, *, downloader=None, progress: bool = True, offline: bo
 
 def read_state_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """`{"image_proj": ..., "ip_adapter": ...}` from the official pickle (weights_only) or a safetensors copy."""
-    from safetensors import safe_open
+    if _is_safetensors(path):
+        from safetensors import safe_open
 
-    try:
+        groups: dict[str, dict[str, torch.Tensor]] = {IMAGE_PROJ: {}, IP_ADAPTER: {}}
         with safe_open(str(path), framework="pt") as handle:
-            groups: dict[str, dict[str, torch.Tensor]] = {IMAGE_PROJ: {}, IP_ADAPTER: {}}
             for key in handle.keys():
                 group, _, rest = key.partition(".")
                 groups.setdefault(group, {})[rest] = handle.get_tensor(key)
-            return groups
-    except Exception:  # noqa: BLE001 - not safetensors: the official file is a pickle
-        pass
+        return groups
     loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     if not isinstance(loaded, dict) or set(loaded) != {IMAGE_PROJ, IP_ADAPTER}:
         keys = list(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__

@@ -380,3 +380,14 @@ def test_faceid_runs_with_a_speed_mode_a_style_lora_and_an_extra_controlnet(setu
     assert result.settings["speed"]["name"] == "lightning-4" and result.settings["steps"] == 4
     pipeline.generate(session, photo, "a portrait", width=128, height=128, steps=2)
     assert "faceid_0" not in session.loras.active
+
+
+def test_a_damaged_faceid_file_is_named_with_how_to_fetch_it_again(setup, tmp_path):
+    from instantid_colab.weights import DamagedWeightsError
+
+    session, _ = setup
+    files = session.faceid().files
+    damaged = tmp_path / faceid.ADAPTER_FILE
+    damaged.write_bytes(files.adapter.read_bytes()[:5000])  # a download cut off
+    with pytest.raises(DamagedWeightsError, match=rf"the FaceID adapter: {damaged} is damaged.*download --force"):
+        faceid.load(session.pipe, dataclasses.replace(files, adapter=damaged))
