@@ -483,6 +483,16 @@ def _speed_switch(name: str) -> tuple[Any, Any]:
     return gr.update(value=preset.steps), gr.update(value=preset.guidance_scale)
 
 
+# What only InstantID's IdentityNet uses: greyed out while another identity method is chosen (its value is kept).
+IDENTITYNET_ONLY = ("identitynet_strength", "pose_path", "enhance_non_face", "refine_on")
+
+
+def _identity_switch(name: str) -> tuple[Any, ...]:
+    """Choosing an identity method greys out what it does not use (IDENTITYNET_ONLY; FaceID's s_scale for InstantID)."""
+    instantid = name == settings.IDENTITIES[0]
+    return (*(gr.update(interactive=instantid) for _ in IDENTITYNET_ONLY), gr.update(interactive=not instantid))
+
+
 LIKENESS_HELP = (
     "The likeness under each image is ArcFace's cosine similarity between your photo and the face in the picture. "
     "Published thresholds for \"same person\" with ArcFace-family models are about 0.3 to 0.5; strangers score near "
@@ -543,7 +553,7 @@ def _main_inputs(defaults: dict[str, Any]) -> dict[str, Any]:
             info="instantid: IdentityNet + face adapter; faceid-plusv2: IP-Adapter FaceID Plus V2 (no IdentityNet: no "
                  "pose image, people, start photo or refine; loaded the first time it is used)")
         named["s_scale"] = gr.Slider(*_range("s_scale"), value=1.0, step=0.05, label="FaceID structure (s_scale)",
-                                     elem_id="s-scale")
+                                     elem_id="s-scale", interactive=False)
     named["live_preview"] = gr.Checkbox(False, label="Live preview", elem_id="live-preview",
                                         info=f"a quick picture of the image forming, every {speed.PREVIEW_EVERY} "
                                              "steps (TAESDXL)")
@@ -663,6 +673,8 @@ def _wire(app: gr.Blocks, session: pipeline.InstantIDSession, line: GpuLine, inp
     buttons["stop"].click(on_stop, queue=False, api_name="stop")
     inputs["speed_mode"].change(_speed_switch, inputs=inputs["speed_mode"],
                                 outputs=[inputs["steps"], inputs["guidance_scale"]], queue=False)
+    inputs["identity"].change(_identity_switch, inputs=inputs["identity"],
+                              outputs=[*(inputs[name] for name in IDENTITYNET_ONLY), inputs["s_scale"]], queue=False)
 
     def refresh() -> str:
         placements = [placement for placement, _ in session.controlnets.loaded.values()]

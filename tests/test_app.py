@@ -24,8 +24,8 @@ from tests.pictures import png_header_only
 
 
 def _session(smoke: bool = True):
-    """What build_app reads from a session: the smoke flag and the memory plan."""
-    return SimpleNamespace(smoke=smoke, plan=None)
+    """What build_app reads from a session: the smoke flag, the memory plan and what each identity method loaded."""
+    return SimpleNamespace(smoke=smoke, plan=None, identity_methods=lambda: [])
 
 
 def _components(blocks: gr.Blocks, kind: type) -> list:
@@ -187,6 +187,14 @@ def test_a_speed_mode_moves_steps_and_guidance_to_its_card_values():
     assert (steps["value"], guidance["value"]) == (4, 0.0)
     steps, guidance = app._speed_switch("quality")
     assert (steps["value"], guidance["value"]) == (30, 5.0)
+
+
+def test_choosing_faceid_greys_out_what_only_the_identitynet_uses():
+    *identitynet_only, s_scale = app._identity_switch("faceid-plusv2")
+    assert len(identitynet_only) == len(app.IDENTITYNET_ONLY) == 4
+    assert [u["interactive"] for u in identitynet_only] == [False] * 4 and s_scale["interactive"] is True
+    *identitynet_only, s_scale = app._identity_switch("instantid")
+    assert [u["interactive"] for u in identitynet_only] == [True] * 4 and s_scale["interactive"] is False
 
 
 def test_live_previews_reach_the_page_while_the_image_forms(smoke_session, face_file):
@@ -487,7 +495,8 @@ def test_a_port_in_use_is_said_before_the_models_load():
 def test_the_apps_own_folder_goes_when_python_exits_with_the_app_still_open(tmp_path):
     """A notebook launches without blocking; a restarted kernel must not leave gradio's pictures in /tmp."""
     code = ("from types import SimpleNamespace; from instantid_colab import app; "
-            "print(app.launch(SimpleNamespace(smoke=True, plan=None), share=False, block=False, inline=False).cache)")
+            "print(app.launch(SimpleNamespace(smoke=True, plan=None, identity_methods=lambda: []), share=False, "
+            "block=False, inline=False).cache)")
     environment = {key: value for key, value in os.environ.items() if key != "GRADIO_TEMP_DIR"}
     done = subprocess.run([sys.executable, "-c", code], env={**environment, "TMPDIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=180, check=False)
