@@ -483,8 +483,9 @@ def _speed_switch(name: str) -> tuple[Any, Any]:
     return gr.update(value=preset.steps), gr.update(value=preset.guidance_scale)
 
 
-# What only InstantID's IdentityNet uses: greyed out while another identity method is chosen (its value is kept).
-IDENTITYNET_ONLY = ("identitynet_strength", "pose_path", "enhance_non_face", "refine_on")
+# Settings only InstantID's IdentityNet reads: greyed out while another identity method is chosen (their values kept).
+# What another method refuses (a pose image, people, a start photo, refine) stays editable, so it can be taken back.
+IDENTITYNET_ONLY = ("identitynet_strength", "enhance_non_face")
 
 
 def _identity_switch(name: str) -> tuple[Any, ...]:

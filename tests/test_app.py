@@ -191,10 +191,10 @@ def test_a_speed_mode_moves_steps_and_guidance_to_its_card_values():
 
 def test_choosing_faceid_greys_out_what_only_the_identitynet_uses():
     *identitynet_only, s_scale = app._identity_switch("faceid-plusv2")
-    assert len(identitynet_only) == len(app.IDENTITYNET_ONLY) == 4
-    assert [u["interactive"] for u in identitynet_only] == [False] * 4 and s_scale["interactive"] is True
+    assert app.IDENTITYNET_ONLY == ("identitynet_strength", "enhance_non_face")
+    assert [u["interactive"] for u in identitynet_only] == [False, False] and s_scale["interactive"] is True
     *identitynet_only, s_scale = app._identity_switch("instantid")
-    assert [u["interactive"] for u in identitynet_only] == [True] * 4 and s_scale["interactive"] is False
+    assert [u["interactive"] for u in identitynet_only] == [True, True] and s_scale["interactive"] is False
 
 
 def test_live_previews_reach_the_page_while_the_image_forms(smoke_session, face_file):
