@@ -23,7 +23,7 @@ from instantid_colab import faceid, memory, pipeline, smoke
 from instantid_colab.adapter import AdapterError
 from instantid_colab.settings import SettingsError
 from tests.latents import generate_with_latents, relative_difference
-from tests.test_official_equivalence import PerceiverAttention
+from tests.test_official_equivalence import PerceiverAttention, block_hidden_size
 
 TOLERANCE = 1e-5
 
@@ -121,19 +121,9 @@ class LoRAIPAttnProcessor(LoRAAttnProcessor):
 
 def official_processors(unet, rank: int) -> dict:
     """`set_ip_adapter`: attn1 -> LoRAAttnProcessor, every other -> LoRAIPAttnProcessor (hidden size of its block)."""
-    channels, processors = unet.config.block_out_channels, {}
-    for name in unet.attn_processors:
-        if name.startswith("mid_block"):
-            hidden = channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
-        else:
-            hidden = channels[int(name[len("down_blocks.")])]
-        if name.endswith("attn1.processor"):
-            processors[name] = LoRAAttnProcessor(hidden, None, rank)
-        else:
-            processors[name] = LoRAIPAttnProcessor(hidden, unet.config.cross_attention_dim, 1.0, rank, 4)
-    return processors
+    return {name: LoRAAttnProcessor(block_hidden_size(unet, name), None, rank) if name.endswith("attn1.processor") else
+            LoRAIPAttnProcessor(block_hidden_size(unet, name), unet.config.cross_attention_dim, 1.0, rank, 4)
+            for name in unet.attn_processors}
 
 
 @dataclasses.dataclass

@@ -133,22 +133,21 @@ class IPAttnProcessor(nn.Module):
         return hidden / attn.rescale_output_factor
 
 
+def block_hidden_size(unet, name: str) -> int:
+    """The official `set_ip_adapter`'s hidden size for attention processor `name`: its block's channels."""
+    channels = unet.config.block_out_channels
+    if name.startswith("mid_block"):
+        return channels[-1]
+    if name.startswith("up_blocks"):
+        return list(reversed(channels))[int(name[len("up_blocks.")])]
+    return channels[int(name[len("down_blocks.")])]
+
+
 def official_processors(unet, scale: float) -> dict:
     """`set_ip_adapter`: attn1 -> AttnProcessor, every other attention -> IPAttnProcessor(hidden size of its block)."""
-    processors = {}
-    channels = unet.config.block_out_channels
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            processors[name] = AttnProcessor()
-            continue
-        if name.startswith("mid_block"):
-            hidden = channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
-        else:
-            hidden = channels[int(name[len("down_blocks.")])]
-        processors[name] = IPAttnProcessor(hidden, unet.config.cross_attention_dim, scale, NUM_TOKENS)
-    return processors
+    return {name: AttnProcessor() if name.endswith("attn1.processor") else
+            IPAttnProcessor(block_hidden_size(unet, name), unet.config.cross_attention_dim, scale, NUM_TOKENS)
+            for name in unet.attn_processors}
 
 
 # ---------------------------------------------------------------------------------------------
