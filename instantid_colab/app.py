@@ -489,9 +489,9 @@ IDENTITYNET_ONLY = ("identitynet_strength", "enhance_non_face")
 
 
 def _identity_switch(name: str) -> tuple[Any, ...]:
-    """Choosing an identity method greys out what it does not use (IDENTITYNET_ONLY; FaceID's s_scale for InstantID)."""
+    """Choosing an identity method greys out what it does not use (IDENTITYNET_ONLY; FaceID's s_scale for the others)."""
     instantid = name == settings.IDENTITIES[0]
-    return (*(gr.update(interactive=instantid) for _ in IDENTITYNET_ONLY), gr.update(interactive=not instantid))
+    return (*(gr.update(interactive=instantid) for _ in IDENTITYNET_ONLY), gr.update(interactive=name == "faceid-plusv2"))
 
 
 LIKENESS_HELP = (
@@ -551,8 +551,9 @@ def _main_inputs(defaults: dict[str, Any]) -> dict[str, Any]:
     with gr.Row():
         named["identity"] = gr.Dropdown(
             list(settings.IDENTITIES), value=settings.IDENTITIES[0], label="Identity method", elem_id="identity",
-            info="instantid: IdentityNet + face adapter; faceid-plusv2: IP-Adapter FaceID Plus V2 (no IdentityNet: no "
-                 "pose image, people, start photo or refine; loaded the first time it is used)")
+            info="instantid: IdentityNet + face adapter; faceid-plusv2: IP-Adapter FaceID Plus V2; pulid: PuLID v1.1 "
+                 "(its ID scale is the adapter strength). The last two have no IdentityNet: no pose image, people, "
+                 "start photo or refine; each is loaded the first time it is used")
         named["s_scale"] = gr.Slider(*_range("s_scale"), value=1.0, step=0.05, label="FaceID structure (s_scale)",
                                      elem_id="s-scale", interactive=False)
     named["live_preview"] = gr.Checkbox(False, label="Live preview", elem_id="live-preview",

@@ -451,9 +451,10 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
                                "outside them the unconditional half is not computed")
     generate.add_argument("--scheduler", help="default: the speed mode's (" + ", ".join(SCHEDULERS) + ")")
     generate.add_argument("--identity", default=IDENTITIES[0], choices=IDENTITIES,
-                          help="the method that keeps the face: instantid (default; IdentityNet + face adapter) or "
-                               "faceid-plusv2 (IP-Adapter FaceID Plus V2: no IdentityNet, so no --pose, --person, "
-                               "--init-image or --refine-face)")
+                          help="the method that keeps the face: instantid (default; IdentityNet + face adapter), "
+                               "faceid-plusv2 (IP-Adapter FaceID Plus V2) or pulid (PuLID v1.1, its ID scale is "
+                               "--adapter-strength); the last two have no IdentityNet, so no --pose, --person, "
+                               "--init-image or --refine-face")
     generate.add_argument("--s-scale", type=float, default=1.0,
                           help="faceid-plusv2's structure weight: " + limits("s_scale", 1.0))
     generate.add_argument("--identitynet-strength", type=float, default=0.8, help=limits("identitynet_strength", 0.8))

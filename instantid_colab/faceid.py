@@ -160,6 +160,8 @@ class FaceIDEngine:
     recogniser: object  # insightface's ArcFaceONNX on buffalo_l's w600k_r50
     files: FaceIDFiles
 
+    lora_adapters = {LORA_ADAPTER: 1.0}  # the file's LoRA, on for this method's calls only
+
     @property
     def ip_processors(self) -> list:
         return [p for p in self.processors.values() if hasattr(p, "to_k_ip")]
@@ -183,8 +185,8 @@ class FaceIDEngine:
                 f"UNet); CLIP ViT-H image encoder on {encoder[0].device.type} ({size(encoder)}, on the GPU only for "
                 "its one encode per picture)")
 
-    def describe(self, s_scale: float) -> dict:
-        return {"s_scale": s_scale, "model_files": [f"{ADAPTER_REPO}/{ADAPTER_FILE}",
+    def describe(self, values: dict) -> dict:
+        return {"s_scale": values["s_scale"], "model_files": [f"{ADAPTER_REPO}/{ADAPTER_FILE}",
                                                     f"{IMAGE_ENCODER_REPO}/{IMAGE_ENCODER_DIR}",
                                                     f"{RECOGNISER_REPO}/{RECOGNISER_FILE}"]}
 
@@ -234,6 +236,26 @@ class FaceIDEngine:
                 return self.projection([id_embeds.to(parameter)])[0][:, 0]
         finally:
             layer.clip_embeds = None
+
+    def conditioning(self, analyzer, photos: list, values: dict, *, do_cfg: bool, num: int, device, dtype: torch.dtype,
+                     unet, generator) -> tuple[dict, contextlib.AbstractContextManager]:
+        """The pipeline call's arguments (the ID embeddings, negatives first) and the context that installs this
+        method's processors and its 4 tokens per image, computed once, for the call."""
+        from instantid_colab.identity import embedding_pair, per_image
+
+        pair = embedding_pair(self.id_embedding(analyzer, photos, values["combine"]), (1, 1, ID_DIM),
+                              values["negative_noise"], do_cfg, generator)
+        states = self.clip_states(self.face_crops(analyzer, photos), device, dtype)
+        tokens = self.tokens(per_image(pair, num), per_image(states if do_cfg else states[1:], num),
+                             values["identity_settings"]["s_scale"]).to(device)
+        return {"ip_adapter_image_embeds": [pair.to(dtype)]}, self._conditioned(unet, values["adapter_strength"], tokens)
+
+    @contextlib.contextmanager
+    def _conditioned(self, unet, strength: float, tokens: torch.Tensor) -> Iterator[None]:
+        from instantid_colab.identity import face_conditioning
+
+        with self.installed(unet, strength), face_conditioning(unet, [], tokens, None):
+            yield
 
     @contextlib.contextmanager
     def installed(self, unet, strength: float) -> Iterator[None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
@@ -257,3 +258,18 @@ def face_tokens(pipe, embeds: torch.Tensor, device: torch.device) -> torch.Tenso
     with torch.no_grad():
         tokens = projection([embeds.to(device if parameter.is_meta else parameter.device, parameter.dtype)])[0]
     return tokens[:, 0].to(device)
+
+
+def embedding_pair(embedding, shape: tuple, negative_noise: float, do_cfg: bool, generator) -> torch.Tensor:
+    """(negative, positive) face embedding in `shape` (positive alone without CFG); the negative is zero, as the
+    official code's, or noise: ComfyUI_InstantID's "noise", which fights the burnt look of a zero negative."""
+    embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(shape)
+    negative = torch.zeros_like(embeds)
+    if negative_noise > 0:
+        negative = negative_noise * torch.randn(embeds.shape, generator=generator)
+    return torch.cat([negative, embeds]) if do_cfg else embeds
+
+
+def per_image(pair: torch.Tensor, num: int) -> torch.Tensor:
+    """Each half of a (negative, positive) batch repeated per image, negatives first (diffusers' layout)."""
+    return torch.cat([pair[i:i + 1].repeat(num, *[1] * (pair.dim() - 1)) for i in range(pair.shape[0])])

@@ -29,7 +29,8 @@ from instantid_colab.png_metadata import attach_metadata
 from instantid_colab.schedulers import SCHEDULERS
 from instantid_colab.settings import IDENTITIES, MULTIPLE, SettingsError, check as check_settings, check_arguments
 from instantid_colab.identity import (
-    FaceRegion, IdentityNet, execution_device, face_conditioning, face_tokens, use_face_region_processors,
+    FaceRegion, IdentityNet, embedding_pair, execution_device, face_conditioning, face_tokens, per_image,
+    use_face_region_processors,
 )
 from instantid_colab.controls import (
     ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Control, check_controls, image_digest, options as control_options,
@@ -41,11 +42,12 @@ from instantid_colab import speed as speed_module
 from instantid_colab.loras import SMOKE_LORA, Lora, LoraState, check_loras
 from instantid_colab.people import AUTO_SIZE, Cast, Person, cast as cast_people, check_people
 from instantid_colab.people import least_alike, likeness as people_likeness
-from instantid_colab.faceid import LORA_ADAPTER as FACEID_LORA
 from instantid_colab.weights import (
     SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, reading, root_of,
 )
 
+IDENTITY_MODULES = {"faceid-plusv2": "instantid_colab.faceid", "pulid": "instantid_colab.pulid"}  # beside InstantID
+IDENTITY_DOWNLOAD_GB = {"faceid-plusv2": 4, "pulid": 2}  # what each first load fetches (adapter, encoders)
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
 OFFICIAL_LONG_SIDE, OFFICIAL_SHORT_SIDE = 1280, 1024  # the official resize_img rule
 
@@ -107,26 +109,32 @@ class InstantIDSession:
             self._views[name] = view
         return self._views[name]
 
-    def faceid(self):
-        """FaceID Plus V2's modules (`faceid.FaceIDEngine`) on this pipeline's UNet, loaded the first time asked for."""
-        if "faceid" not in self._views:
-            from instantid_colab import faceid
+    def identity_engine(self, name: str):
+        """An identity method's own modules (`faceid.FaceIDEngine`, `pulid.PuLIDEngine`) on this pipeline's UNet,
+        loaded the first time asked for."""
+        if name not in self._views:
+            import importlib
+
             from instantid_colab.loras import activate
 
+            module = importlib.import_module(IDENTITY_MODULES[name])
             if self.plan.placement in memory.STREAMED_PLACEMENTS:
-                raise SettingsError([f"identity {faceid.NAME} is not available with the memory plan "
+                raise SettingsError([f"identity {name} is not available with the memory plan "
                                      f"'{self.plan.placement}' (the UNet streams in blocks, the method's layers would "
                                      "not follow); use identity instantid on this machine"])
-            self._views["faceid"] = faceid.load(self.pipe, faceid.ensure_files(self.weights), self.plan.face_device)
-            activate(self.pipe, self.loras.active)  # diffusers switched the method's LoRA on for everything
-        return self._views["faceid"]
+            self._views[name] = module.load(self.pipe, module.ensure_files(self.weights), self.plan.face_device)
+            activate(self.pipe, self.loras.active)  # diffusers switches a loaded method's LoRA on for everything
+        return self._views[name]
+
+    def loaded_identity_engines(self) -> list:
+        return [self._views[name] for name in IDENTITY_MODULES if name in self._views]
 
     def identity_methods(self) -> list[str]:
         """One line per identity method: what is loaded, and where (the app's memory panel)."""
-        loaded = self._views.get("faceid")
         return ["instantid: IdentityNet and face adapter, loaded with the pipeline (the default)",
-                loaded.where() if loaded is not None else
-                f"{IDENTITIES[1]}: not loaded (loads, and downloads about 4 GB once, the first time it is asked for)"]
+                *(self._views[name].where() if name in self._views else
+                  f"{name}: not loaded (loads, and downloads its files once, the first time it is asked for: "
+                  f"about {size} GB)" for name, size in IDENTITY_DOWNLOAD_GB.items())]
 
     def annotator_folder(self, kind: str) -> Path:
         return ensure_annotator(self.weights, ANNOTATOR_REPOS[kind], ANNOTATOR_FILES)
@@ -353,8 +361,9 @@ def _oom_retry_plan(session: InstantIDSession, error: BaseException, identity: s
             f"{error}. Try a smaller width/height or fewer images"
             f"{'' if identity == IDENTITIES[0] else ', or identity instantid'}.") from error
     memory.apply(lighter, session.pipe)
-    if "faceid" in session._views and lighter.placement != "gpu":  # its layers wait off the UNet: on the CPU
-        session._views["faceid"].to("cpu")
+    if lighter.placement != "gpu":  # a loaded identity method's layers wait off the UNet: on the CPU
+        for engine in session.loaded_identity_engines():
+            engine.to("cpu")
     notice = (f"Ran out of GPU memory with plan '{session.plan.placement}'; switched to "
               f"'{lighter.placement}' ({lighter.why}) and ran again.")
     session.plan = lighter
@@ -453,21 +462,6 @@ def _one_face(analyzer, face_images: list, combine: str, layout_image, width: in
     return Cast([embedding], bbox[None], kps[None], masks, size)
 
 
-def _embedding_pair(embedding, shape: tuple, negative_noise: float, do_cfg: bool, generator) -> torch.Tensor:
-    """(negative, positive) face embedding in `shape` (positive alone without CFG); the negative is zero, as the
-    official code's, or noise: ComfyUI_InstantID's "noise", which fights the burnt look of a zero negative."""
-    embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(shape)
-    negative = torch.zeros_like(embeds)
-    if negative_noise > 0:
-        negative = negative_noise * torch.randn(embeds.shape, generator=generator)
-    return torch.cat([negative, embeds]) if do_cfg else embeds
-
-
-def _per_image(pair: torch.Tensor, num: int) -> torch.Tensor:
-    """Each half of a (negative, positive) batch repeated per image, negatives first (diffusers' layout)."""
-    return torch.cat([pair[i:i + 1].repeat(num, *[1] * (pair.dim() - 1)) for i in range(pair.shape[0])])
-
-
 class GenerationStopped(Exception):
     """The caller's `should_stop` asked to stop; the pipeline is left ready for the next call."""
 
@@ -494,8 +488,8 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     and `scheduler` given here win over it (`lcm=True` is the "lcm" preset). `guidance_interval` (start, end):
     CFG only on those fractions of the steps, the unconditional half not computed outside. `preview(step, total,
     image)` gets a TAESDXL picture every `preview_every` steps. `identity`: the method that keeps the face
-    (`settings.IDENTITIES`); "faceid-plusv2" (IP-Adapter FaceID Plus V2, structure weight `s_scale`) has no
-    IdentityNet, so no keypoint layout, people or start photo.
+    (`settings.IDENTITIES`); "faceid-plusv2" (IP-Adapter FaceID Plus V2, structure weight `s_scale`) and "pulid"
+    (PuLID v1.1, ID scale `adapter_strength`) have no IdentityNet, so no keypoint layout, people or start photo.
 
     `controls`: extra ControlNets (pose/canny/depth, a photo to annotate or a ready map, each with a
     strength and a start/end fraction of the steps). `loras`: style LoRAs with scales. `init_image`:
@@ -568,7 +562,9 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     if identity != IDENTITIES[0]:
         face_photos = [open_image(image, "face photo") for image in [face_image, *extra_face_images]]
         settings.update(identitynet_strength=None, enhance_non_face=None,
-                        identity_settings=session.faceid().describe(checked["s_scale"]))
+                        identity_settings=session.identity_engine(identity).describe(checked))
+        if identity == "pulid":  # several photos go in side by side, the official multi-image route
+            settings["combine"] = None
     label = session.label
     if label:
         settings["label"] = label
@@ -597,12 +593,13 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
                         loras: list[Lora], init, init_mask, settings: dict, chosen, interval, preview,
                         preview_every: int, callback, should_stop, face_photos: list) -> list[Image.Image]:
     pipe = session.pipe
-    faceid = session.faceid() if settings["identity_engine"] != IDENTITIES[0] else None
+    name = settings["identity_engine"]
+    engine = session.identity_engine(name) if name != IDENTITIES[0] else None
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
     num = settings["num_images"]
     speed_lora = (ensure_lora(session.weights, "/".join(chosen.lora)), chosen.lora_scale) if chosen.lora else None
     session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], speed_lora,
-                        engine={FACEID_LORA: 1.0} if faceid else None)
+                        engine=engine.lora_adapters if engine else None)
     placements, nets = _extra_controlnets(session, [control.kind for control in controls], width, height, num)
     for control, placement in zip(settings["controls"], placements):
         control["model"] = CONTROL_MODELS[placement.kind][placement.variant].repo
@@ -614,18 +611,16 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
 
     generator = torch.Generator("cpu").manual_seed(seed)
     do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
-    if faceid is None:
-        pairs = [_embedding_pair(embedding, (1, 1, -1, 512), settings["negative_noise"], do_cfg, generator)
+    if engine is None:
+        pairs = [embedding_pair(embedding, (1, 1, -1, 512), settings["negative_noise"], do_cfg, generator)
                  for embedding in cast.embeddings]  # per person: (negative, positive) embeddings
-        tokens = torch.cat([face_tokens(pipe, _per_image(pair, num), session.device) for pair in pairs],
+        tokens = torch.cat([face_tokens(pipe, per_image(pair, num), session.device) for pair in pairs],
                            dim=1)  # per person face tokens [batch, 16, dim], person 0's first
+        conditioning = {"ip_adapter_image_embeds": [pairs[0].to(parameter_dtype(pipe.unet))]}
     else:
-        pairs = [_embedding_pair(faceid.id_embedding(session.faces, face_photos, settings["combine"]), (1, 1, 512),
-                                 settings["negative_noise"], do_cfg, generator)]
-        states = faceid.clip_states(faceid.face_crops(session.faces, face_photos), session.device,
-                                    parameter_dtype(pipe.unet))
-        tokens = faceid.tokens(_per_image(pairs[0], num), _per_image(states if do_cfg else states[1:], num),
-                               settings["identity_settings"]["s_scale"]).to(session.device)
+        conditioning, engine_installed = engine.conditioning(
+            session.faces, face_photos, settings, do_cfg=do_cfg, num=num, device=session.device,
+            dtype=parameter_dtype(pipe.unet), unet=pipe.unet, generator=generator)
     region = None if cast.masks is None else FaceRegion(torch.from_numpy(cast.masks))
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
@@ -645,7 +640,7 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     identitynet = pipe.controlnet
     controlnet, images = identitynet, kps_images[0]
     arguments = dict(controlnet_conditioning_scale=settings["identitynet_strength"])
-    if faceid is not None:  # no IdentityNet: the extra ControlNets alone, or none at all
+    if engine is not None:  # no IdentityNet: the extra ControlNets alone, or none at all
         controlnet, images = (MultiControlNetModel(nets), maps) if nets else (None, None)
         arguments = dict(controlnet_conditioning_scale=[c.strength for c in controls],
                          control_guidance_start=[c.start for c in controls],
@@ -675,19 +670,18 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     with contextlib.ExitStack() as stack:
         if controlnet is not None:
             stack.enter_context(_using_controlnet(caller, controlnet))
-        if faceid is None:
+        if engine is None:
             stack.enter_context(identitynet.conditioned(tokens, region))
             stack.enter_context(face_conditioning(pipe.unet, session.ip_processors, tokens, region))
         else:
-            stack.enter_context(faceid.installed(pipe.unet, settings["adapter_strength"]))
-            stack.enter_context(face_conditioning(pipe.unet, [], tokens, None))
+            stack.enter_context(engine_installed)
         stack.enter_context(_text_encoders_detached(caller))
         halved = [model for model in (pipe.unet, controlnet) if model is not None] if interval and do_cfg else []
         stack.enter_context(speed_module.conditional_half_only(halved, lambda: plan.skipping))
         latents = caller(  # the tokens above stand in for what the UNet would make of these embeddings
             **text, **arguments, width=width, height=height, num_inference_steps=steps,
             guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
-            ip_adapter_image_embeds=[pairs[0].to(parameter_dtype(pipe.unet))], generator=generator,
+            **conditioning, generator=generator,
             output_type="latent", callback_on_step_end=on_step_end,
         ).images
     decoded = decode(pipe, latents, notices)

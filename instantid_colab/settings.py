@@ -69,8 +69,8 @@ FLAGS = ("enhance_non_face", "lcm")
 PAIRS = ("guidance_interval",)  # LIMITS rows for both ends of a pair, not a setting's own value
 REFINE_STRENGTH = 0.4  # the refine pass's strength when it is only switched on (`--refine-face`, `true`)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-COMBINE_MODES = ("average", "norm_average", "concat")
-IDENTITIES = ("instantid", "faceid-plusv2")  # identity methods on the one loaded SDXL; the first is the default  # several photos of one person: ComfyUI_InstantID's options
+COMBINE_MODES = ("average", "norm_average", "concat")  # several photos of one person: ComfyUI_InstantID's options
+IDENTITIES = ("instantid", "faceid-plusv2", "pulid")  # identity methods on the one loaded SDXL; the first is the default
 
 
 def identity_problems(values: Mapping[str, Any]) -> list[str]:
@@ -85,9 +85,12 @@ def identity_problems(values: Mapping[str, Any]) -> list[str]:
     if values.get("init_image") is not None:
         problems.append(f"identity {identity} does not start from a photo (img2img and inpaint run through InstantID's "
                         "IdentityNet); use identity instantid")
-    if values.get("combine") == "concat":
+    if values.get("combine") == "concat" and identity == "faceid-plusv2":
         problems.append(f"identity {identity} takes one face embedding: combine several photos with average or "
                         "norm_average, not concat")
+    if identity == "pulid" and isinstance(values.get("negative_noise"), (int, float)) and values["negative_noise"] > 0:
+        problems.append("identity pulid's negative is its ID encoder's answer to a zero face (the official one): "
+                        "negative_noise must be 0")
     if values.get("refine_face"):
         problems.append(refine_needs_instantid(identity))
     return problems
@@ -217,7 +220,7 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     elif width is not None:
         problems += size_problems(width, height)
     if values.get("identity") not in (None, IDENTITIES[0]):
-        problems += identity_problems(values)
+        problems += identity_problems({**values, **checked})  # numbers as numbers (a manifest gives text)
     if values.get("init_image") is not None and not problems:
         steps, strength = checked.get("steps", 30), checked.get("init_strength", 0.8)
         if int(steps * strength) < 1:

@@ -18,7 +18,7 @@ def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
                           capture_output=True, text=True, check=False)
     data = json.loads(done.stdout)
     assert set(data) == {"environment", "memory", "plan", "controls", "identity_methods", "colab_image"}
-    assert list(data["identity_methods"]) == ["instantid", "faceid-plusv2"]
+    assert list(data["identity_methods"]) == ["instantid", "faceid-plusv2", "pulid"]
     assert all(note["severity"] == "note" for note in data["environment"]["notes"])
     assert list(data["controls"]) == ["+pose", "+pose+canny+depth"]
     if not data["environment"]["cuda_available"]:

@@ -140,7 +140,7 @@ def load_official(session, files: faceid.FaceIDFiles) -> Official:
     rank = state["ip_adapter"]["0.to_q_lora.down.weight"].shape[0]
     unet.set_attn_processor(official_processors(unet, rank))
     nn.ModuleList(unet.attn_processors.values()).load_state_dict(state["ip_adapter"])
-    engine = session.faceid()
+    engine = session.identity_engine("faceid-plusv2")
     projection = ProjPlusModel(unet.config.cross_attention_dim, clip_embeddings_dim=engine.image_encoder.config.hidden_size)
     projection.load_state_dict(state["image_proj"])
     components = {k: v for k, v in session.pipe.components.items() if k not in ("unet", "controlnet")}
@@ -249,7 +249,7 @@ def test_faceid_metadata_names_engine_settings_and_files(setup):
     (dict(init_image="photo"), "does not start from a photo"),
     (dict(combine="concat", extra_face_images=["photo"]), "not concat"),
     (dict(s_scale=4), "s_scale 4.0 is out of range: use 0 to 3"),
-    (dict(identity="pulid"), "identity 'pulid' is not one of: instantid, faceid-plusv2"),
+    (dict(identity="photomaker"), "identity 'photomaker' is not one of: instantid, faceid-plusv2, pulid"),
 ])
 def test_what_faceid_cannot_do_is_refused(setup, kwargs, said):
     session, _ = setup
@@ -270,12 +270,12 @@ def test_people_are_refused_with_faceid(setup):
 
 def test_a_file_that_does_not_fit_names_its_keys(setup, tmp_path):
     session, _ = setup
-    files = session.faceid().files
+    files = session.identity_engine("faceid-plusv2").files
     state = torch.load(files.adapter, weights_only=True)
     state["image_proj"]["proj.2.weight"] = state["image_proj"]["proj.2.weight"][:, :100]
     del state["ip_adapter"]["1.to_k_ip.weight"]
     with pytest.raises(AdapterError) as error:
-        faceid.check_fits(state, session.pipe.unet, session.faceid().image_encoder.config.hidden_size, "bad.bin")
+        faceid.check_fits(state, session.pipe.unet, session.identity_engine("faceid-plusv2").image_encoder.config.hidden_size, "bad.bin")
     message = str(error.value)
     assert "image_proj.proj.2.weight: expected [256, 1024], file has [256, 100]" in message
     assert "ip_adapter.missing 1.to_k_ip.weight [64, 64]" in message
@@ -329,7 +329,7 @@ def test_the_identity_is_a_bench_grid_dimension_and_a_manifest_column(tmp_path):
 def test_out_of_memory_with_faceid_steps_down_past_the_plans_it_cannot_run_under(setup, monkeypatch):
     """From model offload the next plans stream the UNet in blocks; FaceID says so instead of breaking there."""
     session, _ = setup
-    session.faceid()
+    session.identity_engine("faceid-plusv2")
     offload = dataclasses.replace(session.plan, placement="model_offload")
     steps = {"model_offload": dataclasses.replace(offload, placement="group_offload"),
              "group_offload": dataclasses.replace(offload, placement="sequential_offload"), "sequential_offload": None}
@@ -376,7 +376,7 @@ def test_a_damaged_faceid_file_is_named_with_how_to_fetch_it_again(setup, tmp_pa
     from instantid_colab.weights import DamagedWeightsError
 
     session, _ = setup
-    files = session.faceid().files
+    files = session.identity_engine("faceid-plusv2").files
     damaged = tmp_path / faceid.ADAPTER_FILE
     damaged.write_bytes(files.adapter.read_bytes()[:5000])  # a download cut off
     with pytest.raises(DamagedWeightsError, match=rf"the FaceID adapter: {damaged} is damaged.*download --force"):

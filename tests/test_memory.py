@@ -220,14 +220,18 @@ def test_untiled_decode_when_the_vram_free_now_holds_it(monkeypatch):
     assert not memory.untiled_decode_fits(megapixel, 1, 2)  # no GPU: the plan's setting stays
 
 
-def test_identity_outlook_says_where_faceid_goes_under_each_plan():
-    """The T4 plan keeps FaceID's layers on the GPU; stepping down moves them with the UNet, then refuses them."""
+@pytest.mark.parametrize("method, on_the_gpu", [
+    ("faceid-plusv2", "1.39 GiB of layers beside the UNet on the GPU; CLIP ViT-H/14 1.18 GiB on the CPU"),
+    ("pulid", "0.63 GiB of layers beside the UNet on the GPU; EVA02-CLIP-L, IDFormer and parser 1.01 GiB on the CPU"),
+])
+def test_identity_outlook_says_where_each_method_goes_under_each_plan(method, on_the_gpu):
+    """The T4 plan keeps a method's layers on the GPU; stepping down moves them with the UNet, then refuses them."""
     plan = memory.choose_plan(11.0, 14.7)
     said = []
     while plan is not None:
-        said.append((plan.placement, memory.identity_outlook(plan)["faceid-plusv2"]))
+        said.append((plan.placement, memory.identity_outlook(plan)[method]))
         plan = memory.step_down(plan)
     places = dict(said)
-    assert places["gpu"].startswith("1.39 GiB of layers beside the UNet on the GPU; CLIP ViT-H/14 1.18 GiB on the CPU")
+    assert places["gpu"].startswith(on_the_gpu)
     assert "on the CPU, moving with the UNet" in places["model_offload"]
     assert places["sequential_offload"].startswith("not available under sequential_offload")
