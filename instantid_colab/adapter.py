@@ -261,6 +261,12 @@ def _compare(expected: Mapping[str, tuple], actual: Mapping[str, tuple]) -> list
     return problems
 
 
+def problem_lines(problems: list[str], limit: int = 12, prefix: str = "") -> str:
+    """The first `limit` problems as a bulleted list, and how many more there are."""
+    shown = "\n".join(f"  - {prefix}{problem}" for problem in problems[:limit])
+    return shown + (f"\n  - ... and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
 def _ip_layers(ip_adapter: dict[str, tuple[int, ...]], output_dim: int) -> tuple[list[int], list[str]]:
     """Widths of the k/v pairs at odd positions 1, 3, 5, …, plus any gaps or stray keys."""
     pattern = re.compile(r"(\d+)\.to_([kv])_ip\.weight$")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from instantid_colab import library_messages
-from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, _is_safetensors
+from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, _is_safetensors, problem_lines
 from instantid_colab.components import parameter_dtype
 
 NAME = "faceid-plusv2"
@@ -141,12 +141,10 @@ def check_fits(state_dict: dict, unet, clip_width: int, source: str) -> None:
     problems = [f"{group}.{line}" for group in (IMAGE_PROJ, IP_ADAPTER)
                 for line in _compare(expected[group], {k: tuple(v.shape) for k, v in state_dict[group].items()})]
     if problems:
-        shown = "\n".join(f"  - {problem}" for problem in problems[:12])
-        more = f"\n  - ... and {len(problems) - 12} more" if len(problems) > 12 else ""
         raise AdapterError(f"{source}: does not fit this SDXL UNet and image encoder as a FaceID Plus V2 adapter.\n"
-                           f"{shown}{more}\nNext step: use {ADAPTER_REPO} {ADAPTER_FILE} (the SDXL file, not sd15) "
-                           f"with {IMAGE_ENCODER_REPO} {IMAGE_ENCODER_DIR} (CLIP ViT-H/14); `download --force FILE` "
-                           "fetches a damaged one again.")
+                           f"{problem_lines(problems)}\nNext step: use {ADAPTER_REPO} {ADAPTER_FILE} (the SDXL file, "
+                           f"not sd15) with {IMAGE_ENCODER_REPO} {IMAGE_ENCODER_DIR} (CLIP ViT-H/14); "
+                           "`download --force FILE` fetches a damaged one again.")
 
 
 @dataclass

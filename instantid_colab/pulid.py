@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instantid_colab import eva_clip
-from instantid_colab.adapter import AdapterError, _compare
+from instantid_colab.adapter import AdapterError, _compare, problem_lines
 from instantid_colab.components import parameter_dtype
 from instantid_colab.faceid import _attention_shapes, set_processors, unet_processors
 
@@ -193,11 +193,10 @@ def check_fits(groups: dict, unet, eva_shape: dict[str, int], source: str) -> di
         problems.append(f"{ID_FORMER} reads a ViT {config['vit_width']} wide and ID features {config['id_width']} wide; "
                         f"the EVA-CLIP file gives {eva_shape['width']} and {ID_DIM} + {eva_shape['embed_dim']}")
     if problems:
-        shown = "\n".join(f"  - {problem}" for problem in problems[:12])
-        more = f"\n  - ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-        raise AdapterError(f"{source}: does not fit this SDXL UNet and EVA-CLIP encoder as a PuLID adapter.\n{shown}"
-                           f"{more}\nNext step: use {ADAPTER_REPO} {ADAPTER_FILE} (the SDXL v1.1 file, not the FLUX one) "
-                           f"with {EVA_REPO} {EVA_FILE}; `download --force FILE` fetches a damaged one again.")
+        raise AdapterError(f"{source}: does not fit this SDXL UNet and EVA-CLIP encoder as a PuLID adapter.\n"
+                           f"{problem_lines(problems)}\nNext step: use {ADAPTER_REPO} {ADAPTER_FILE} (the SDXL v1.1 "
+                           f"file, not the FLUX one) with {EVA_REPO} {EVA_FILE}; `download --force FILE` fetches a "
+                           "damaged one again.")
     return config
 
 
@@ -403,8 +402,7 @@ def load(pipe, files: PuLIDFiles, recogniser_device: str = "cpu") -> PuLIDEngine
                         {k: tuple(v.shape) for k, v in visual.items()})
     if problems:
         raise AdapterError(f"{files.eva}: not an EVA02-CLIP vision tower this code reads:\n"
-                           + "\n".join(f"  - visual.{line}" for line in problems[:12])
-                           + f"\nNext step: use {EVA_REPO} {EVA_FILE}.")
+                           f"{problem_lines(problems, prefix='visual.')}\nNext step: use {EVA_REPO} {EVA_FILE}.")
     eva.load_state_dict(visual)
     with reading("the PuLID adapter", files.adapter):
         groups = read_groups(files.adapter)
