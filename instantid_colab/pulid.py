@@ -397,7 +397,7 @@ def load(pipe, files: PuLIDFiles, recogniser_device: str = "cpu") -> PuLIDEngine
     except KeyError as error:
         raise AdapterError(f"{files.eva}: no EVA-CLIP vision tower in it (no visual.{error.args[0]}); download "
                            f"{EVA_REPO} {EVA_FILE} again (download --force {files.eva}).") from None
-    eva = eva_clip.EVAVisionTower(**eva_shape)
+    eva = eva_clip.EVAVisionTower(**eva_shape).to(dtype)  # built in the UNet's dtype: no float32 copy on the host
     problems = _compare({k: tuple(v.shape) for k, v in eva.state_dict().items()},
                         {k: tuple(v.shape) for k, v in visual.items()})
     if problems:
@@ -407,7 +407,7 @@ def load(pipe, files: PuLIDFiles, recogniser_device: str = "cpu") -> PuLIDEngine
     with reading("the PuLID adapter", files.adapter):
         groups = read_groups(files.adapter)
     config = check_fits(groups, unet, eva_shape, str(files.adapter))
-    id_former = IDFormer(**config)
+    id_former = IDFormer(**config).to(dtype)
     id_former.load_state_dict(id_former_state_dict(groups[ID_FORMER]))
     processors = {}
     for index, name in enumerate(unet_processors(unet)):
@@ -420,5 +420,5 @@ def load(pipe, files: PuLIDFiles, recogniser_device: str = "cpu") -> PuLIDEngine
         else:
             processors[name] = SelfAttnProcessor()
     parser = load_component(SegformerForSemanticSegmentation, files.parser, "cpu", dtype).eval()
-    return PuLIDEngine(processors=processors, id_former=id_former.to(dtype).eval(), eva=eva.to(dtype).eval(),
+    return PuLIDEngine(processors=processors, id_former=id_former.eval(), eva=eva.eval(),
                        parser=parser, background=parser_background(parser.config, str(files.parser)), files=files)
