@@ -1,21 +1,29 @@
-"""Rewrite the record of Colab's GPU image from a newer freeze of googlecolab/backend-info.
+"""Rewrite the record of Colab's GPU image from a newer freeze of googlecolab/backend-info, and the lock of what
+our install adds there.
 
-    python3 .ci/colab_image.py PIP_FREEZE_GPU OS_INFO_GPU --date YYYY-MM-DD --commit SHA
+    python3 .ci/colab_image.py PIP_FREEZE_GPU OS_INFO_GPU --date YYYY-MM-DD --commit SHA [--no-lock]
+    python3 .ci/colab_image.py lock VENV_PYTHON IMAGE_FREEZE INSTALLED_FREEZE     (what `.ci/run colab_lock` calls)
 
-Writes two files, each one line per package, so following Colab is a one-line diff per package in review:
+Writes, each one line per package, so following Colab is a one-line diff per package in review:
 - instantid_colab/colab_image.txt: Colab's versions of what the project, its notebooks and its tests import
   (environment.REQUIREMENTS with every alternative, the preinstalled stack, the `dev` extra and the packages a
   notebook kernel runs on), and which of them the image lacks; `doctor` compares against it;
 - .ci/colab-freeze.txt: the whole freeze as pip constraints, so CI's `colab` stage resolves every other package to
   Colab's version too; left out what PyPI cannot give: local labels such as +cu128, packages installed from URLs,
-  and the CUDA libraries (nvidia-*, cuda-*: PyPI's torch of the same version is the CUDA 13 build and brings its own).
+  and the CUDA libraries (nvidia-*, cuda-*: PyPI's torch of the same version is the CUDA 13 build and brings its own);
+- instantid_colab/colab_lock.txt (unless --no-lock): `.ci/run colab_lock` builds that image in a venv and lets
+  `python -m instantid_colab install --dev --resolve` add what it lacks (the newest releases that fit it); what it
+  added is the lock, which the installer then uses and CI's `colab` stage installs and tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -53,7 +61,38 @@ def wanted() -> list[str]:
     return sorted({canonical(name) for name in names})
 
 
+def write_lock(python: str, image_freeze: str, installed_freeze: str, record: Path, lock: Path) -> list[str]:
+    """The lock: what the install added to the image (the package itself left out), under the record's header,
+    and the onnxruntime-gpu pip chooses there for the image's CUDA (CI has no GPU, so its install added the CPU
+    wheel; `python` is the image venv's interpreter, asked for a dry run)."""
+    before, after = freeze_pins(Path(image_freeze).read_text()), freeze_pins(Path(installed_freeze).read_text())
+    added = {name: version for name, version in after.items() if name not in before and name != "instantid-colab"}
+    torch = freeze_pins(record.read_text())["torch"]
+    cuda = re.search(r"\+cu(\d+)(\d)$", torch)
+    gpu = f"onnxruntime-gpu{environment.onnxruntime_gpu_specifier(cuda and f'{cuda[1]}.{cuda[2]}')}"
+    with tempfile.TemporaryDirectory() as folder:
+        constraints, report = Path(folder, "constraints.txt"), Path(folder, "report.json")
+        constraints.write_text("\n".join(f"{name}=={version}" for name, version in after.items()) + "\n")
+        subprocess.run([python, "-m", "pip", "install", "-q", "--dry-run", "--report", str(report), "-c",
+                        str(constraints), gpu], check=True)
+        added.update({canonical(item["metadata"]["name"]): item["metadata"]["version"]
+                      for item in json.loads(report.read_text())["install"]})
+    header = [line for line in record.read_text().splitlines() if line.startswith(("# Colab's GPU", "# python"))]
+    header.append("# What `python -m instantid_colab install --dev` adds to that image, at the versions CI's colab stage "
+                  f"installs and tests; onnxruntime-gpu as pip chooses it there ({gpu}, for the image's CUDA; CI has "
+                  "no GPU). Written by .ci/colab_image.py; do not edit by hand.")
+    lines = header + [f"{name}=={version}" for name, version in sorted(added.items())]
+    lock.write_text("\n".join(lines) + "\n")
+    return lines[len(header):]
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["lock"]:
+        _, _, python, image_freeze, installed_freeze = sys.argv
+        pins = write_lock(python, image_freeze, installed_freeze, ROOT / "instantid_colab" / "colab_image.txt",
+                          ROOT / "instantid_colab" / "colab_lock.txt")
+        print(f"instantid_colab/colab_lock.txt: {len(pins)} additions: {', '.join(pins)}")
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("freeze")
     parser.add_argument("os_info")
@@ -61,6 +100,7 @@ def main() -> int:
     parser.add_argument("--commit", required=True)
     parser.add_argument("--record", default=str(ROOT / "instantid_colab" / "colab_image.txt"))
     parser.add_argument("--constraints", default=str(ROOT / ".ci" / "colab-freeze.txt"))
+    parser.add_argument("--no-lock", action="store_true", help="rewrite the record only, not the lock")
     args = parser.parse_args()
     pins = freeze_pins(Path(args.freeze).read_text())
     python = re.search(r"^Python (\S+)", Path(args.os_info).read_text(), re.M).group(1)
@@ -75,7 +115,9 @@ def main() -> int:
                    if not name.startswith(CUDA_LIBRARIES)]
     Path(args.constraints).write_text("\n".join(header[:2] + constraints) + "\n")
     print(f"{len(lines) - len(header) - 1} of {len(names)} packages pinned; {len(constraints)} constraints")
-    return 0
+    if args.no_lock:
+        return 0
+    return subprocess.run(["bash", str(ROOT / ".ci" / "run"), "colab_lock"], cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Fail when a package that was installed before changed version or went away; print what was added.
+"""Fail when a package that was installed before changed version or went away; print what was added, and with
+LOCK, fail when something was added at another version than the lock's (the lock was not what got installed).
 
-    python3 .ci/freeze_diff.py BEFORE AFTER WHAT     (BEFORE, AFTER: `pip freeze --all` output)
+    python3 .ci/freeze_diff.py BEFORE AFTER WHAT [LOCK]     (BEFORE, AFTER: `pip freeze --all` output)
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ def main() -> int:
         print(f"{what} changed {len(changed)} package(s) of Colab's image:\n  " + "\n  ".join(changed))
         return 1
     print(f"{what}: none of the {len(before)} packages that were there changed")
+    if len(sys.argv) > 4:
+        lock = versions(sys.argv[4])
+        unlocked = [f"{name}=={after[name]} (lock: {lock.get(name, 'absent')})" for name in sorted(after)
+                    if name not in before and name != "instantid-colab" and lock.get(name) != after[name]]
+        if unlocked:
+            print(f"{what} added {len(unlocked)} package(s) at other versions than {sys.argv[4]}'s:\n  "
+                  + "\n  ".join(unlocked))
+            return 1
+        print(f"{what}: every package added is at the version of {sys.argv[4]}")
     return 0
 
 

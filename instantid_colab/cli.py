@@ -25,8 +25,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
     env = environment.report()
     problems, notes = environment.check(env), environment.untested(env)
-    image = colab_image.load()
-    moved = colab_image.differences(image, environment.installed_versions())
+    image, lock, versions = colab_image.load(), colab_image.load_lock(), environment.installed_versions()
+    moved, unlocked = colab_image.differences(image, versions), colab_image.lock_differences(lock, versions)
     try:
         measured = _memory_outlook()
     except ImportError as error:
@@ -37,8 +37,9 @@ def _doctor(args: argparse.Namespace) -> int:
         environment_dict = {**env.to_dict(), "problems": [vars(problem) for problem in problems],
                             "notes": [vars(note) for note in notes]}
         report = {"environment": environment_dict, "memory": None, "plan": None, "controls": None, "identity_methods": None,
-                  "colab_image": {"source": image.source, "python": image.python,
-                                  "differences": [vars(difference) for difference in moved]}}
+                  "colab_image": {"source": image.source, "python": image.python, "tested_image": not moved,
+                                  "differences": [vars(difference) for difference in moved],
+                                  "lock_differences": [vars(difference) for difference in unlocked]}}
         if measured is None:
             report["memory_error"] = missing
         else:
@@ -49,7 +50,7 @@ def _doctor(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(env.render(), "", *(problem.render() for problem in problems + notes), "", _image_lines(image, moved),
-              "", sep="\n")
+              _lock_lines(unlocked), "", sep="\n")
         if measured is None:
             print(missing)
         else:
@@ -67,8 +68,19 @@ def _image_lines(image, moved: list) -> str:
     """The Colab image the release was tested on, and what differs from it here (a bug report's first question)."""
     head = f"Tested on {image.describe()}."
     if not moved:
-        return head + "\nThis machine has the image's versions of everything we use."
+        return head + "\nThis runtime is that image: it has the image's versions of everything we use."
     return "\n".join([head, f"Here {len(moved)} differ from it:", *(f"  {d.render()}" for d in moved)])
+
+
+def _lock_lines(unlocked: list) -> str:
+    """Which additions differ from the versions CI proved on the image, and what that risks."""
+    if not unlocked:
+        return "The packages `install` added here are the versions tested on that image (or not installed yet)."
+    return "\n".join([
+        f"Here {len(unlocked)} of the packages `install` adds differ from the versions tested on that image:",
+        *(f"  {d.render('tested')}" for d in unlocked),
+        "  Risk: a combination CI has not run; it usually works. If face analysis, HEIC photos or the install fail, "
+        "install the tested version (pip install NAME==VERSION, then restart the runtime)."])
 
 
 def _memory_outlook():
@@ -85,9 +97,15 @@ def _memory_outlook():
 
 
 def _install(args: argparse.Namespace) -> int:
-    from instantid_colab import environment
+    """Every name given to --upgrade is checked before pip runs (exit 2 for torch & co. or a name not installed)."""
+    from instantid_colab import environment, installer
+    from instantid_colab.settings import SettingsError
 
-    result = environment.install(dry_run=args.dry_run, dev=args.dev)
+    upgrade = [name.strip() for value in args.upgrade or () for name in value.split(",") if name.strip()]
+    refused = installer.refusals(upgrade, environment.installed_versions())
+    if refused:
+        raise SettingsError(refused)
+    result = installer.install(dry_run=args.dry_run, dev=args.dev, upgrade=upgrade, resolve=args.resolve)
     print(result.render())
     return 0 if result.ok else 1
 
@@ -513,9 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = command("doctor", "environment, memory and the memory plan", _doctor)
     doctor.add_argument("--json", action="store_true", help="one JSON object: environment, memory, plan")
 
-    install = command("install", "install what is missing without touching torch or numpy", _install)
+    install = command("install", "add what is missing; change nothing that is installed", _install)
     install.add_argument("--dry-run", action="store_true", help="print the pip commands, change nothing")
     install.add_argument("--dev", action="store_true", help="also the test tools (the package's `dev` extra)")
+    install.add_argument("--upgrade", action="append", metavar="NAME[,NAME]",
+                         help="also upgrade these installed packages (never torch, torchvision, torchaudio, numpy); "
+                              "restart the runtime afterwards; repeatable")
+    install.add_argument("--resolve", action="store_true",
+                         help="ignore the lock proven on Colab's image: let pip choose the newest releases that fit "
+                              "what is installed")
 
     inspect = command("inspect", "read an InstantID adapter file's architecture", _inspect)
     inspect.add_argument("path")

@@ -5,6 +5,10 @@ Python version, and Colab's versions of what the project, its notebooks and its 
 rewrites it from a newer freeze). CI's `colab` stage installs exactly those versions on that Python and runs the
 notebooks and the tests there. `doctor` lists where this machine differs, so a bug report says at once whether
 the runtime moved.
+
+`colab_lock.txt` records what `python -m instantid_colab install --dev` added on that image, at the versions CI's
+`colab` stage installed and ran the tests on (written by `.ci/colab_image.py`, in the record's format). The installer
+adds those versions when the lock fits the machine; `doctor` says where the additions here differ from it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 RECORD = Path(__file__).with_name("colab_image.txt")
+LOCK = Path(__file__).with_name("colab_lock.txt")
 
 
 @dataclass(frozen=True)
@@ -41,8 +46,8 @@ class Difference:
     here: str | None  # None: not installed here
     image: str
 
-    def render(self) -> str:
-        return f"{self.name} {self.here or 'not installed'} (image: {self.image})"
+    def render(self, against: str = "image") -> str:
+        return f"{self.name} {self.here or 'not installed'} ({against}: {self.image})"
 
 
 def load(path: Path = RECORD) -> ColabImage:
@@ -61,7 +66,12 @@ def load(path: Path = RECORD) -> ColabImage:
     return ColabImage(source, python, pins)
 
 
-def _same(here: str, image: str) -> bool:
+def load_lock(path: Path = LOCK) -> ColabImage | None:
+    """The additions proven on the image (same format as the record); None when the file is missing."""
+    return load(path) if path.is_file() else None
+
+
+def same_release(here: str, image: str) -> bool:
     """Equal as released versions: Colab's torch 2.11.0+cu128 is PyPI's 2.11.0 (+cu130) for our purposes."""
     try:
         return Version(here).public == Version(image).public
@@ -78,6 +88,14 @@ def differences(image: ColabImage, versions: dict[str, str], python: str | None 
         found.append(Difference("python", python, image.python))
     for name, pinned in sorted(image.pins.items()):
         here = versions.get(name)
-        if here is None or not _same(here, pinned):
+        if here is None or not same_release(here, pinned):
             found.append(Difference(name, here, pinned))
     return found
+
+
+def lock_differences(lock: ColabImage | None, versions: dict[str, str]) -> list[Difference]:
+    """The additions installed here at other versions than the lock's (what is missing, `install` adds)."""
+    if lock is None:
+        return []
+    return [Difference(name, versions[name], pinned) for name, pinned in sorted(lock.pins.items())
+            if name in versions and not same_release(versions[name], pinned)]

@@ -1,23 +1,16 @@
-"""What is installed, what is missing, and a Colab-safe installer.
+"""What is installed, what is missing or too old, and what the project needs (the one table of floors).
 
-Colab sessions die two ways at install time: a pip call that replaces the preinstalled PyTorch
-(built for Colab's CUDA driver) or numpy, and a second onnxruntime package beside the first (the
-CPU and GPU wheels ship the same `onnxruntime` module and overwrite each other's files). The
-installer below pins torch/torchvision/torchaudio/numpy to what is installed, installs only what is
-missing or too old, keeps exactly one onnxruntime, and verifies the result in a fresh interpreter.
+The installer that acts on it is `installer.py`; this module only reads metadata, so `doctor` and the installer
+run on the standard library and `packaging` before anything else is installed.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
-import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 from packaging.requirements import InvalidRequirement
 from packaging.requirements import Requirement as PackagingRequirement
@@ -115,10 +108,22 @@ def _release(version: str) -> tuple[int, ...]:
         return ()
 
 
-# Never changed by the installer: pinned with a pip constraints file to the installed versions.
+# Never changed by the installer, not even on request (`install --upgrade`): Colab's builds match its CUDA driver,
+# and its compiled packages are built against its numpy.
 PINNED: tuple[str, ...] = ("torch", "torchvision", "torchaudio", "numpy")
 
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+# Which onnxruntime-gpu releases are built for which CUDA major version, from the wheels' own `cuda` extra on PyPI
+# (read 2026-12-06): up to 1.26.0 it asks for nvidia-cuda-runtime-cu12 ~=12.0, from 1.27.0 for ~=13.0. A build for
+# another CUDA than torch's finds no CUDA libraries, and face analysis falls back to the CPU.
+ONNXRUNTIME_GPU_FOR_CUDA: dict[str, str] = {"12": "<1.27", "13": ">=1.27"}
+
+
+def onnxruntime_gpu_specifier(torch_cuda: str | None) -> str:
+    """The onnxruntime-gpu releases that fit torch's CUDA version (e.g. "12.8"): our floor, and the CUDA bound."""
+    bound = ONNXRUNTIME_GPU_FOR_CUDA.get((torch_cuda or "").split(".")[0])
+    return ",".join(filter(None, (f">={requirement('onnxruntime').minimum}", bound)))
 
 
 def requirement(distribution: str) -> Requirement:
@@ -140,7 +145,7 @@ def installed_versions() -> dict[str, str]:
     return versions
 
 
-def _version_at_least(version: str, minimum: str) -> bool:
+def version_at_least(version: str, minimum: str) -> bool:
     try:
         return Version(version) >= Version(minimum)
     except InvalidVersion:
@@ -152,7 +157,7 @@ def installed_version(row: Requirement, versions: Mapping[str, str]) -> tuple[st
     found = [(name, versions[name]) for name in (row.distribution, *row.alternatives) if name in versions]
     if not found:
         return None
-    return max(found, key=lambda item: _version_at_least(item[1], row.minimum))
+    return max(found, key=lambda item: version_at_least(item[1], row.minimum))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +289,7 @@ def check(env: EnvironmentReport) -> list[Problem]:
             fix = INSTALL_HINT
         if version is None:
             problems.append(Problem("error", row.distribution, f"not installed ({row.why}).", fix))
-        elif not _version_at_least(version, row.minimum):
+        elif not version_at_least(version, row.minimum):
             problems.append(Problem("error", row.distribution, f"{version} is older than {row.minimum}.", fix))
     problems.extend(_onnxruntime_problems(env))
     if env.torch_error is None and not env.cuda_available:
@@ -302,7 +307,7 @@ def untested(env: EnvironmentReport) -> list[Problem]:
     notes = []
     for row in REQUIREMENTS:
         version, (oldest, newest) = env.packages.get(row.distribution), tested_range(row)
-        if version and _version_at_least(version, row.minimum) and not (
+        if version and version_at_least(version, row.minimum) and not (
                 _release(oldest) <= _release(version)[:len(_release(newest))] <= _release(newest)):
             notes.append(Problem(
                 "note", row.distribution, f"{version} is outside the tested range {oldest} to {newest}: it should "
@@ -325,7 +330,7 @@ def _onnxruntime_problems(env: EnvironmentReport) -> list[Problem]:
     if not env.onnxruntime_distributions:
         return [Problem("error", "onnxruntime", f"not installed ({row.why}).", f"{INSTALL_HINT} (installs {wanted})")]
     version = env.packages.get("onnxruntime")
-    if version and not _version_at_least(version, row.minimum):
+    if version and not version_at_least(version, row.minimum):
         return [Problem("error", "onnxruntime", f"{version} is older than {row.minimum}.", INSTALL_HINT)]
     if env.onnxruntime_error:
         return [Problem("error", "onnxruntime", f"installed but cannot be imported: {env.onnxruntime_error}.",
@@ -338,200 +343,6 @@ def _onnxruntime_problems(env: EnvironmentReport) -> list[Problem]:
         return [Problem("warning", "onnxruntime", "onnxruntime-gpu has no CUDAExecutionProvider: face analysis runs on the CPU.",
                         "install an onnxruntime-gpu built for this CUDA (>=1.19 for CUDA 12), then restart the runtime")]
     return []
-
-
-# ---------------------------------------------------------------------------------------------
-# Installer
-
-
-@dataclass(frozen=True)
-class PipResult:
-    returncode: int
-    output: str  # pip's stdout and stderr together
-
-
-PipRunner = Callable[[Sequence[str]], PipResult]
-
-
-def pip_runner(args: Sequence[str]) -> PipResult:
-    """Run `python -m pip ARGS` in this interpreter's environment and capture what pip says."""
-    command = [sys.executable, "-m", "pip", *args]
-    print("$ pip " + " ".join(args), flush=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    return PipResult(done.returncode, done.stdout + done.stderr)
-
-
-@dataclass(frozen=True)
-class Verification:
-    """What a fresh interpreter sees after installing (this process may hold stale modules)."""
-
-    versions: dict[str, str]
-    import_errors: dict[str, str]
-    cuda_provider_works: bool | None  # None when CUDA was not asked for
-
-
-_VERIFY_SCRIPT = r"""
-import importlib, importlib.metadata, json, sys
-from packaging.utils import canonicalize_name
-modules, want_cuda = json.loads(sys.argv[1]), sys.argv[2] == "1"
-errors = {}
-for module in modules:
-    try:
-        importlib.import_module(module)
-    except Exception as error:
-        errors[module] = f"{type(error).__name__}: {error}"
-cuda_ok = None
-if want_cuda and "onnxruntime" not in errors:
-    import onnxruntime, onnx
-    from onnx import TensorProto, helper
-    if hasattr(onnxruntime, "preload_dlls"):
-        onnxruntime.preload_dlls()
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    try:
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
-        cuda_ok = "CUDAExecutionProvider" in session.get_providers()
-    except Exception as error:
-        errors["onnxruntime (CUDA session)"] = f"{type(error).__name__}: {error}"
-        cuda_ok = False
-versions = {}
-for dist in importlib.metadata.distributions():
-    if dist.metadata["Name"]:
-        versions.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
-print(json.dumps({"versions": versions, "import_errors": errors, "cuda_provider_works": cuda_ok}))
-"""
-
-
-def verify_in_subprocess(cuda: bool) -> Verification:
-    """Import every table module in a new interpreter; with CUDA, run a one-node ONNX graph on the GPU."""
-    modules = ["torch"] + [row.module for row in REQUIREMENTS if row.module != "torch"]
-    done = subprocess.run(
-        [sys.executable, "-c", _VERIFY_SCRIPT, json.dumps(modules), "1" if cuda else "0"],
-        capture_output=True, text=True,
-    )
-    if done.returncode != 0:
-        return Verification(installed_versions(), {"verification": done.stderr.strip()[-2000:]}, None)
-    return Verification(**json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-@dataclass(frozen=True)
-class Step:
-    """One pip transaction: remove `remove` (name, version) pairs, then install `install` specs."""
-
-    reason: str
-    install: tuple[str, ...]
-    remove: tuple[tuple[str, str], ...] = ()
-    no_deps: bool = False
-
-
-@dataclass(frozen=True)
-class Change:
-    distribution: str
-    before: str | None  # None: was not installed
-    after: str | None  # None: removed
-
-
-@dataclass
-class InstallReport:
-    cuda: bool
-    dry_run: bool
-    steps: list[Step] = field(default_factory=list)
-    commands: list[list[str]] = field(default_factory=list)  # pip arguments, run (or planned when dry_run)
-    changes: list[Change] = field(default_factory=list)
-    error: str | None = None  # what went wrong, with pip's own message
-    problems: list[str] = field(default_factory=list)  # what the verification still found wrong
-    restart_needed: bool = False  # a changed package was already imported by this process
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.problems
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
-
-    def render(self) -> str:
-        if not self.steps:
-            return "Nothing to change: every required package is installed and recent enough."
-        lines = []
-        if self.dry_run:
-            lines.append("Dry run; would run:")
-            lines += [f"  pip {' '.join(command)}" for command in self.commands]
-            lines += [f"  ({step.reason})" for step in self.steps]
-            return "\n".join(lines)
-        if self.changes:
-            lines.append("Changed:")
-            for change in self.changes:
-                before, after = change.before or "absent", change.after or "removed"
-                lines.append(f"  {change.distribution}: {before} -> {after}")
-        else:
-            lines.append("No package changed.")
-        if self.error:
-            lines.append(f"FAILED: {self.error}")
-        lines += [f"PROBLEM: {problem}" for problem in self.problems]
-        if self.restart_needed:
-            lines.append("Restart the runtime (Runtime > Restart session): this process imported a package that changed.")
-        return "\n".join(lines)
-
-
-def plan_steps(versions: Mapping[str, str], cuda: bool, dev_requirements: Sequence[str] = ()) -> list[Step]:
-    """The pip transactions that bring `versions` up to the table; empty when nothing is needed."""
-    steps: list[Step] = []
-    onnxruntime_step = _onnxruntime_step(versions, cuda)
-    if onnxruntime_step:
-        steps.append(onnxruntime_step)
-    missing = [row for row in REQUIREMENTS if row.role == "install" and not _satisfied(row, versions)]
-    missing_dev = [spec for spec in dev_requirements if not _spec_satisfied(spec, versions)]
-    if missing or missing_dev:
-        specs = tuple(f"{row.distribution}>={row.minimum}" for row in missing) + tuple(missing_dev)
-        steps.append(Step("missing or too old: " + ", ".join(specs), specs))
-    for row in REQUIREMENTS:
-        if row.role == "install-no-deps" and not _satisfied(row, versions):
-            steps.append(Step(
-                f"{row.distribution} without its declared dependencies (its CPU onnxruntime would shadow onnxruntime-gpu); "
-                "its other requirements are rows of the table",
-                (f"{row.distribution}>={row.minimum}",), no_deps=True,
-            ))
-    return steps
-
-
-def _satisfied(row: Requirement, versions: Mapping[str, str]) -> bool:
-    found = installed_version(row, versions)
-    return found is not None and _version_at_least(found[1], row.minimum)
-
-
-def _spec_satisfied(spec: str, versions: Mapping[str, str]) -> bool:
-    parsed = PackagingRequirement(spec)
-    version = versions.get(canonicalize_name(parsed.name))
-    return version is not None and parsed.specifier.contains(version, prereleases=True)
-
-
-def _onnxruntime_step(versions: Mapping[str, str], cuda: bool) -> Step | None:
-    minimum = requirement("onnxruntime").minimum
-    wanted = "onnxruntime-gpu" if cuda else "onnxruntime"
-    present = [(name, versions[name]) for name in ONNXRUNTIME_DISTRIBUTIONS if name in versions]
-    if len(present) > 1:
-        return Step(f"both onnxruntime wheels were installed and shadow each other; keeping only {wanted}",
-                    (f"{wanted}>={minimum}",), remove=tuple(present))
-    if not present:
-        return Step(f"{wanted} is missing", (f"{wanted}>={minimum}",))
-    name, version = present[0]
-    if cuda and name == "onnxruntime":
-        return Step("CUDA is available: replacing the CPU onnxruntime by onnxruntime-gpu",
-                    (f"onnxruntime-gpu>={minimum}",), remove=tuple(present))
-    if not _version_at_least(version, minimum):
-        return Step(f"{name} {version} is older than {minimum}", (f"{name}>={minimum}",))
-    return None
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except Exception:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 def dev_requirements() -> list[str]:
@@ -551,116 +362,6 @@ def dev_requirements() -> list[str]:
     return specs
 
 
-def install(
-    runner: PipRunner = pip_runner,
-    *,
-    cuda: bool | None = None,
-    dry_run: bool = False,
-    dev: bool = False,
-    versions: Callable[[], dict[str, str]] = installed_versions,
-    verify: Callable[[bool], Verification] = verify_in_subprocess,
-) -> InstallReport:
-    """Install what the table needs without touching torch/torchvision/torchaudio/numpy.
-
-    `runner`, `versions` and `verify` are the three contacts with the real environment; tests pass
-    recording fakes. A failed pip call is reported with pip's message, and packages this step had
-    removed are reinstalled at their former versions.
-    """
-    cuda = _cuda_available() if cuda is None else cuda
-    before = versions()
-    result = InstallReport(cuda=cuda, dry_run=dry_run)
-    if "torch" not in before:
-        result.error = (
-            "torch is not installed. This installer never installs PyTorch (Colab's build matches its driver). "
-            "Install the build for your CUDA from https://pytorch.org/get-started/locally/ first, "
-            "e.g. `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` for CPU only."
-        )
-        return result
-    result.steps = plan_steps(before, cuda, dev_requirements() if dev else ())
-    if not result.steps:
-        return result
-    pins = [f"{name}=={before[name]}" for name in PINNED if name in before]
-    with tempfile.TemporaryDirectory() as folder:
-        constraints = Path(folder, "constraints.txt")
-        constraints.write_text("\n".join(pins) + "\n")
-        for step in result.steps:
-            commands = _commands(step, constraints)
-            if dry_run:
-                result.commands += commands
-                continue
-            failure = _run_step(runner, commands, step, constraints, result)
-            if failure:
-                result.error = failure
-                break
-    if dry_run:
-        return result
-    return _verified(result, before, verify(cuda))
-
-
-def _commands(step: Step, constraints: Path) -> list[list[str]]:
-    commands = []
-    if step.remove:
-        commands.append(["uninstall", "-y", *(name for name, _ in step.remove)])
-    flags = ["--no-deps"] if step.no_deps else []
-    commands.append(["install", "-c", str(constraints), *flags, *step.install])
-    return commands
-
-
-def _run_step(runner: PipRunner, commands: list[list[str]], step: Step, constraints: Path,
-              result: InstallReport) -> str | None:
-    """Run one step; on failure undo its removals and return the message."""
-    for command in commands:
-        result.commands.append(command)
-        done = runner(command)
-        if done.returncode == 0:
-            continue
-        message = f"`pip {' '.join(command)}` failed ({step.reason}). pip said:\n{_pip_message(done.output)}"
-        if step.remove and command[0] == "install":
-            restore = ["install", "-c", str(constraints), "--no-deps", *(f"{n}=={v}" for n, v in step.remove)]
-            result.commands.append(restore)
-            undone = runner(restore)
-            message += (
-                "\nRestored what this step had removed: " + ", ".join(f"{n}=={v}" for n, v in step.remove)
-                if undone.returncode == 0
-                else f"\nRestoring the removed packages also failed; run `pip {' '.join(restore)}`. pip said:\n"
-                + _pip_message(undone.output)
-            )
-        return message
-    return None
-
-
-def _pip_message(output: str, lines: int = 25) -> str:
-    """pip's ERROR lines when there are some, else its last lines."""
-    text = output.strip().splitlines()
-    errors = [line for line in text if line.startswith("ERROR")]
-    return "\n".join(errors or text[-lines:])
-
-
-def _verified(result: InstallReport, before: Mapping[str, str], seen: Verification) -> InstallReport:
-    after = seen.versions
-    result.changes = [
-        Change(name, before.get(name), after.get(name))
-        for name in sorted(set(before) | set(after))
-        if before.get(name) != after.get(name)
-    ]
-    for name in PINNED:  # installing one that was absent (numpy on a bare machine) changes nothing installed
-        if before.get(name) is not None and before.get(name) != after.get(name):
-            result.problems.append(f"{name} changed from {before.get(name)} to {after.get(name)}; restart the runtime.")
-    for module, error in seen.import_errors.items():
-        result.problems.append(f"`import {module}` fails in a fresh interpreter: {error}")
-    if seen.cuda_provider_works is False:
-        result.problems.append(
-            "onnxruntime-gpu is installed but CUDAExecutionProvider does not run (CUDA/cuDNN libraries not found); "
-            "face analysis will use the CPU."
-        )
-    changed = {change.distribution for change in result.changes}
-    result.restart_needed = any(
-        (row.distribution in changed or changed & set(row.alternatives)) and row.module in sys.modules
-        for row in REQUIREMENTS
-    )
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # The floors, as CI installs them
 
@@ -674,6 +375,8 @@ def floor_pins() -> list[str]:
 if __name__ == "__main__":  # for setup_colab.sh and .ci/run: one requirement per line
     if sys.argv[1:] in (["--floors"], ["--dev"]):
         print("\n".join(floor_pins() if sys.argv[1] == "--floors" else dev_requirements()))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--onnxruntime-gpu":
+        print(f"onnxruntime-gpu{onnxruntime_gpu_specifier(sys.argv[2])}")
     elif len(sys.argv) == 3 and sys.argv[1] == "--requirement":
         try:
             row = requirement(sys.argv[2])
@@ -681,4 +384,5 @@ if __name__ == "__main__":  # for setup_colab.sh and .ci/run: one requirement pe
             sys.exit(error.args[0])
         print(f"{row.distribution}>={row.minimum}")
     else:
-        sys.exit("usage: python3 -m instantid_colab.environment --floors | --dev | --requirement NAME")
+        sys.exit("usage: python3 -m instantid_colab.environment --floors | --dev | --requirement NAME | "
+                 "--onnxruntime-gpu CUDA_VERSION")

@@ -71,17 +71,22 @@ def mount_drive(use_drive: bool, folder: str = "instantid-colab") -> Path | None
     return path
 
 
-def install_dependencies(smoke: bool = False) -> None:
-    """Install what this runtime lacks through the package's installer (torch is never touched).
+def install_dependencies(smoke: bool = False, upgrade: str = "") -> None:
+    """Add what this runtime lacks through the package's installer, changing nothing Colab installed; `upgrade`
+    names installed packages to upgrade on purpose (comma-separated; never torch or numpy).
 
-    Smoke mode only plans (a dry run), so CI changes nothing. Stops "Run all" when pip failed or the
-    runtime must be restarted, because the cells after it would fail less clearly.
+    Smoke mode only plans (a dry run), so CI changes nothing. Stops "Run all" when pip failed, a package is too
+    old, or the runtime must be restarted, because the cells after it would fail less clearly.
     """
-    from instantid_colab import environment
+    from instantid_colab import environment, installer
 
-    result = environment.install(dry_run=smoke)
+    names = [name.strip() for name in upgrade.split(",") if name.strip()]
+    refused = installer.refusals(names, environment.installed_versions())
+    if refused:
+        raise ValueError("; ".join(refused))
+    result = installer.install(dry_run=smoke, upgrade=names)
     print(("smoke: dry run, nothing installed\n" if smoke else "") + result.render())
-    if result.error or result.problems:
+    if result.error or result.problems or result.outdated:
         raise RuntimeError("Installing the libraries failed (details above). Fix what it says, then Run all again.")
     if result.restart_needed:
         raise RuntimeError("Restart the runtime (Runtime > Restart session), then Run all again: "

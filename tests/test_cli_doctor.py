@@ -71,7 +71,7 @@ def test_install_dry_run_here_changes_nothing(capsys):
     if any(p.severity == "error" for p in environment.check(environment.report())):
         pytest.skip("this machine lacks a package; the statement below is about a complete one")
     assert main(["install", "--dry-run"]) == 0
-    assert capsys.readouterr().out.strip() == "Nothing to change: every required package is installed and recent enough."
+    assert capsys.readouterr().out.strip() == "Nothing to add: every required package is installed and recent enough."
 
 
 def test_doctor_shows_floor_and_tested_range_and_notes_an_untested_version(monkeypatch, capsys):

@@ -43,7 +43,7 @@ def test_installing_on_the_image_changes_none_of_its_packages_because_every_floo
     image = colab_image.load()
     for row in environment.REQUIREMENTS:
         if row.distribution in image.pins:
-            assert environment._version_at_least(image.pins[row.distribution].split("+")[0], row.minimum), row
+            assert environment.version_at_least(image.pins[row.distribution].split("+")[0], row.minimum), row
     pyproject = (ROOT / "pyproject.toml").read_text()
     dev = [line.strip().split('"')[1] for line in pyproject.split("dev = [", 1)[1].split("]", 1)[0].splitlines()
            if line.strip().startswith('"')]
@@ -81,7 +81,8 @@ def _rewrite(tmp_path: Path, freeze: str) -> tuple[list[str], list[str]]:
     (tmp_path / "os.txt").write_text(OS_INFO)
     subprocess.run([sys.executable, str(ROOT / ".ci" / "colab_image.py"), str(tmp_path / "freeze.txt"),
                     str(tmp_path / "os.txt"), "--date", "2026-09-30", "--commit", "0123456789abcdef",
-                    "--record", str(tmp_path / "record.txt"), "--constraints", str(tmp_path / "constraints.txt")],
+                    "--record", str(tmp_path / "record.txt"), "--constraints", str(tmp_path / "constraints.txt"),
+                    "--no-lock"],
                    check=True, capture_output=True)
     return (tmp_path / "record.txt").read_text().splitlines(), (tmp_path / "constraints.txt").read_text().splitlines()
 
@@ -98,3 +99,31 @@ def test_the_script_rewrites_the_record_so_a_newer_freeze_is_a_one_line_diff(tmp
     assert [(a, b) for a, b in zip(record, newer) if a != b] == [("transformers==5.15.0", "transformers==5.16.0")]
     loaded = colab_image.load(tmp_path / "record.txt")
     assert (loaded.python, loaded.date, loaded.pins["torch"]) == ("3.13.15", "2026-09-30", "2.11.0+cu128")
+
+
+def test_the_lock_belongs_to_the_recorded_image_and_adds_only_what_the_image_lacks():
+    image, lock = colab_image.load(), colab_image.load_lock()
+    assert (lock.source, lock.python) == (image.source, image.python)
+    assert lock.pins and not set(lock.pins) & set(image.pins)
+    needed = {row.distribution for row in environment.REQUIREMENTS if row.distribution not in image.pins}
+    assert needed <= set(lock.pins)  # every table row the image lacks has a tested version
+    assert environment.version_at_least(lock.pins["onnxruntime-gpu"], environment.requirement("onnxruntime").minimum)
+    cuda = image.pins["torch"].split("+cu")[1]
+    assert PackagingRequirement("x" + environment.onnxruntime_gpu_specifier(f"{cuda[:-1]}.{cuda[-1]}")).specifier.contains(
+        lock.pins["onnxruntime-gpu"])  # the build for the image's CUDA 12.8
+
+
+def test_doctor_says_which_added_packages_differ_from_the_lock_and_what_that_risks(monkeypatch, capsys):
+    image, lock = colab_image.load(), colab_image.load_lock()
+    versions = dict(image.pins) | dict(lock.pins) | {"pillow-heif": "1.9.0"}
+    monkeypatch.setattr(environment, "installed_versions", lambda: versions)
+    monkeypatch.setattr(colab_image.platform, "python_version", lambda: image.python)
+    cli.main(["doctor"])
+    printed = capsys.readouterr().out
+    assert "This runtime is that image: it has the image's versions of everything we use." in printed
+    assert (f"Here 1 of the packages `install` adds differ from the versions tested on that image:\n"
+            f"  pillow-heif 1.9.0 (tested: {lock.pins['pillow-heif']})\n  Risk: a combination CI has not run") in printed
+    cli.main(["doctor", "--json"])
+    report = json.loads(capsys.readouterr().out)["colab_image"]
+    assert report["tested_image"] is True
+    assert report["lock_differences"] == [{"name": "pillow-heif", "here": "1.9.0", "image": lock.pins["pillow-heif"]}]

@@ -117,7 +117,7 @@ def test_parameters_cell_defaults_to_colab_and_holds_the_only_repo_url(name: str
     exec(parameters.source, {}, values)  # the cell is plain assignments; its values are what Colab runs with
     assert values["SMOKE"] is False
     assert values["REPO_URL"] == REPO_URL
-    # --no-deps: the dependencies go through environment.install, which never touches torch
+    # --no-deps: the dependencies go through installer.install, which changes nothing installed
     assert values["PIP_COMMAND"] == f"pip install -q --no-deps git+{REPO_URL}"
     with_url = [cell.source for cell in code_cells(nb) if "github.com/" in cell.source]
     assert with_url == [parameters.source]
