@@ -249,16 +249,25 @@ def _waiting(line: GpuLine, turn: Turn) -> Iterator[str]:
 def _beside(make: Callable[[], Any], line: GpuLine, turn: Turn, previews: queue.Queue,
             shown: Callable[[Any], tuple]) -> Iterator:
     """Run `make` on the line's worker thread (in this context, so gr.Progress reaches the page), yielding
-    `shown(preview)` for each preview as it comes and `shown(None)` every HEARTBEAT_S; returns what `make` returned.
-    Closed early (the page went away: gradio closes the generator at a yield), the run is stopped at its next step
-    and waited for, so the next in line never overlaps it."""
+    `shown(None)` as it starts (the page's "waiting" line goes at once), `shown(preview)` for each preview as it
+    comes and `shown(None)` every HEARTBEAT_S; returns what `make` returned as soon as it is done (the job's end is
+    a message in the same queue, after its last preview). Closed early (the page went away: gradio closes the
+    generator at a yield), the run is stopped at its next step and waited for, so the next in line never overlaps
+    it."""
+    finished = object()
     job = line.worker.submit(contextvars.copy_context().run, make)
+    job.add_done_callback(lambda _: previews.put(finished))
     try:
-        while not job.done() or not previews.empty():
+        yield shown(None)
+        while True:
             try:
-                yield shown(previews.get(timeout=HEARTBEAT_S))
+                preview = previews.get(timeout=HEARTBEAT_S)
             except queue.Empty:
                 yield shown(None)
+                continue
+            if preview is finished:
+                break
+            yield shown(preview)
     except GeneratorExit:
         turn.stop.set()
         concurrent.futures.wait([job])
@@ -369,7 +378,8 @@ def _swap_handler(session: pipeline.InstantIDSession, line: GpuLine | None = Non
     """The Face swap tab's click: both photos checked, a turn in the GPU line, `refine.swap`, the photo back."""
     line = GpuLine() if line is None else line  # (an empty line is falsy: it has a length)
 
-    def run(target_path, face_path, which, strength, prompt, seed, progress=gr.Progress(), browser: str | None = None):
+    def run(target_path, face_path, which, strength, prompt, seed, steps=30, progress=gr.Progress(),
+            browser: str | None = None):
         try:
             if not target_path or not face_path:
                 raise InputError("Face swap: give the photo to change and a photo of the person")
@@ -386,7 +396,8 @@ def _swap_handler(session: pipeline.InstantIDSession, line: GpuLine | None = Non
                 return
             progress(0, desc="swapping the face")
             result = line.worker.submit(refine.swap, session, target, face, which=int(which) or None,
-                                        strength=strength, prompt=prompt or "", seed=int(seed)).result()
+                                        strength=strength, prompt=prompt or "", seed=int(seed),
+                                        steps=int(steps)).result()
         except USER_ERRORS as error:
             raise gr.Error(str(error)) from error
         except Exception as error:
@@ -416,6 +427,8 @@ def _swap_tab(session: pipeline.InstantIDSession, line: GpuLine) -> None:
                                  label="How much of the face is repainted", elem_id="swap-strength")
             prompt = gr.Textbox(label="Prompt (optional)", placeholder=pipeline.DEFAULT_PROMPT, elem_id="swap-prompt")
             seed = gr.Number(42, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="swap-seed")
+            steps = gr.Slider(*_range("steps"), value=30, step=1, label="Steps (the repainted share of them runs)",
+                              elem_id="swap-steps")
             button = gr.Button("Swap", variant="primary", elem_id="swap")
         with gr.Column():
             result = gr.Image(label="Result", type="pil", interactive=False, elem_id="swap-result",
@@ -423,10 +436,11 @@ def _swap_tab(session: pipeline.InstantIDSession, line: GpuLine) -> None:
             caption = gr.Markdown(elem_id="swap-caption")
     handler = _swap_handler(session, line)
 
-    def on_swap(target, face, which, strength, prompt, seed, request: gr.Request, progress=gr.Progress()):
-        yield from handler(target, face, which, strength, prompt, seed, progress=progress, browser=_browser(request))
+    def on_swap(target, face, which, strength, prompt, seed, steps, request: gr.Request, progress=gr.Progress()):
+        yield from handler(target, face, which, strength, prompt, seed, steps, progress=progress,
+                           browser=_browser(request))
 
-    button.click(on_swap, inputs=[target, face, which, strength, prompt, seed], outputs=[result, caption],
+    button.click(on_swap, inputs=[target, face, which, strength, prompt, seed, steps], outputs=[result, caption],
                  **_accepted(button.click, concurrency_limit=None))
 
 

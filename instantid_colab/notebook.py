@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 DRIVE_MOUNT_POINT = Path("/content/drive")
 SWITCH_RUNTIME_HINT = "Runtime > Change runtime type > Hardware accelerator: T4 GPU > Save, then Run all again"
+SMOKE_SWAP_STEPS = 4  # the smoke swap's steps: its 1024 px crop costs the tiny models a second a step on the CPU
 
 
 class NoGPUError(RuntimeError):
@@ -260,14 +261,18 @@ def swap(session: InstantIDSession, target: str = "", face: str = "", which: int
     from instantid_colab import refine
     from instantid_colab.png_metadata import save_png
 
+    steps = 30
     if smoke and not (target or face):
         from instantid_colab.smoke import sample_face_image
 
         target, face = sample_face_image(640, face_color=(170, 200, 240)), sample_face_image()
+        steps = SMOKE_SWAP_STEPS
+        print(f"Face swap: the drawn smoke photo, {steps} steps (smoke: the tiny models repaint the 1024 px crop on "
+              "the CPU, about a second a step)")
     if not (target and face):
         print("No TARGET_PHOTO or SWAP_FACE: give both to put the person into the photo.")
         return None
-    result = refine.swap(session, target, face, which=which or None, strength=strength)
+    result = refine.swap(session, target, face, which=which or None, strength=strength, steps=steps)
     path = save_png(result.image, out)
     print((f"{result.label}\n" if result.label else "") + f"face at {result.face_box}, strength {result.strength}: "
           f"{result.likeness.render()}; saved {path}")

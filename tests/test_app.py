@@ -350,8 +350,9 @@ def test_face_swap_tab_returns_the_photo_with_its_swapped_face(smoke_session, tm
     face = tmp_path / "face.png"
     smoke.sample_face_image().save(face)
     handler = app._swap_handler(smoke_session)
-    *_, (image, caption) = handler(str(target), str(face), 0, 0.6, "", 3)
-    assert image.size == (1200, 800) and json.loads(image.info["instantid"])["swap"]["strength"] == 0.6
+    *_, (image, caption) = handler(str(target), str(face), 0, 0.6, "", 3, 4)
+    metadata = json.loads(image.info["instantid"])
+    assert image.size == (1200, 800) and (metadata["swap"]["strength"], metadata["steps"]) == (0.6, 4)
     assert caption.startswith(f"{SMOKE_LABEL} · face at [") and "seed 3" in caption
     with pytest.raises(gr.Error, match="Face swap: give the photo to change and a photo of the person"):
         list(handler(str(target), None, 0, 0.6, "", 3))

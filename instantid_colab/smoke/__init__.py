@@ -7,12 +7,13 @@ place that shows one says SMOKE_LABEL.
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
 from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root, model_folder
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 6  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 7  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -115,9 +116,22 @@ def build_smoke_weights(root: str | Path | None = None):
         smoke=True,
     )
     marker = root / "smoke-weights.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == _VERSION:
+    if _current(marker):
         return paths
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".building", "w") as lock:  # several processes at once (one per GPU, test workers): one builds
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _current(marker):
+            _write_smoke_weights(root, paths)
+            marker.write_text(json.dumps({"version": _VERSION, "label": SMOKE_LABEL}))
+    return paths
 
+
+def _current(marker: Path) -> bool:
+    return marker.is_file() and json.loads(marker.read_text()).get("version") == _VERSION
+
+
+def _write_smoke_weights(root: Path, paths: WeightPaths) -> None:
     from instantid_colab.smoke.diffusion import TINY, write_base, write_identitynet
     from instantid_colab.smoke.faceid import write_faceid
     from instantid_colab.smoke.faces import write_smoke_face_models
@@ -135,8 +149,6 @@ def build_smoke_weights(root: str | Path | None = None):
     write_pulid(root, unet)
     face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
     assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
-    marker.write_text(json.dumps({"version": _VERSION, "label": SMOKE_LABEL}))
-    return paths
 
 
 def sample_face_image(size: int = 256, face_color: tuple[int, int, int] = (235, 200, 175)):
