@@ -26,6 +26,7 @@ import torch
 from instantid_colab import library_messages
 from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, _is_safetensors, problem_lines
 from instantid_colab.components import parameter_dtype
+from instantid_colab.images import WORKING_SIDE
 
 NAME = "faceid-plusv2"
 ADAPTER_REPO, ADAPTER_FILE = "h94/IP-Adapter-FaceID", "ip-adapter-faceid-plusv2_sdxl.bin"
@@ -159,6 +160,7 @@ class FaceIDEngine:
     files: FaceIDFiles
 
     lora_adapters = {LORA_ADAPTER: 1.0}  # the file's LoRA, on for this method's calls only
+    photo_side = WORKING_SIDE  # its face photos, as every picture handed in
 
     @property
     def ip_processors(self) -> list:

@@ -91,8 +91,15 @@ class InstantIDSession:
     def view(self, name: str):
         """The same components as diffusers' SDXL ControlNet img2img or inpaint pipeline ("img2img" / "inpaint"),
         or its plain SDXL pipeline ("text2img", for an identity method without a ControlNet), built once, sharing
-        every module."""
-        if name not in self._views:
+        every module, and given the pipeline's current ones each time it is asked for (a call sets its own
+        scheduler on the pipeline: a view built by an earlier call must not keep that call's)."""
+        if name in self._views:
+            view = self._views[name]
+            current = {key: module for key, module in self.pipe.components.items()
+                       if key in view.components and view.components[key] is not module}
+            if current:
+                view.register_modules(**current)
+        else:
             import inspect
 
             import diffusers
@@ -560,7 +567,8 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     settings["identity_engine"] = identity
     face_photos = []
     if identity != IDENTITIES[0]:
-        face_photos = [open_image(image, "face photo") for image in [face_image, *extra_face_images]]
+        side = session.identity_engine(identity).photo_side
+        face_photos = [open_image(image, "face photo", max_side=side) for image in [face_image, *extra_face_images]]
         settings.update(identitynet_strength=None, enhance_non_face=None,
                         identity_settings=session.identity_engine(identity).describe(checked))
         if identity == "pulid":  # several photos go in side by side, the official multi-image route

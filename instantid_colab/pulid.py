@@ -46,6 +46,7 @@ BACKGROUND_PARTS = ("background", "cloth", "hat", "l_ear", "r_ear", "ear_r", "ne
 PARSER_MEAN, PARSER_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ID_DIM, DIM_HEAD, SCALES = 512, 64, 5  # antelopev2's embedding; IDFormer's head width and its five ViT scales
 NUM_ZERO = 20  # the official app's "num zero": zero tokens after the ID tokens (likeness vs editability)
+ID_PHOTO_SIDE = 1024  # app_v1_1.py: each ID photo resize_numpy_image_long(image, 1024) before get_id_embedding
 ORTHO_TOKENS = 5  # ortho v2 weighs by the attention on the first five ID tokens
 
 
@@ -267,6 +268,7 @@ class PuLIDEngine:
     background: tuple[int, ...]  # the parser's label ids of BACKGROUND_PARTS
     files: PuLIDFiles
     lora_adapters = None  # PuLID has no LoRA
+    photo_side = None  # its face photos are opened whole: `official_photo` shrinks them as the official app does
 
     @property
     def id_layers(self) -> list[IDAttnProcessor]:
@@ -318,7 +320,7 @@ class PuLIDEngine:
         try:
             with torch.no_grad():
                 dtype = parameter_dtype(self.eva)
-                for photo in photos:
+                for photo in map(official_photo, photos):
                     face = analyzer.detect(photo)
                     embedding = torch.as_tensor(np.asarray(face.embedding), dtype=torch.float32)
                     vit, states = self.eva(self.face_features(align_face(photo, face.kps)).to(dtype))
@@ -356,6 +358,22 @@ class PuLIDEngine:
             set_processors(unet, own_processors)
             unet.encoder_hid_proj = own_projection
             self.to(home)
+
+
+def official_photo(photo):
+    """An ID photo as the official app hands it to get_id_embedding: at most ID_PHOTO_SIDE on its long side, each
+    side shrunk by the same factor and truncated, by OpenCV's Lanczos (pulid/utils.py resize_numpy_image_long). Its
+    face is then detected, aligned and embedded at that size."""
+    import cv2
+    from PIL import Image
+
+    width, height = photo.size
+    if max(width, height) <= ID_PHOTO_SIDE:
+        return photo
+    factor = ID_PHOTO_SIDE / max(width, height)
+    shrunk = cv2.resize(np.asarray(photo.convert("RGB")), (int(width * factor), int(height * factor)),
+                        interpolation=cv2.INTER_LANCZOS4)
+    return Image.fromarray(shrunk)
 
 
 def align_face(photo, keypoints: np.ndarray) -> np.ndarray:

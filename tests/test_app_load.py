@@ -59,7 +59,7 @@ def test_eight_people_at_once_get_their_pictures_in_line_order_and_more_are_told
     hold = threading.Event()
     line.worker.submit(hold.wait)  # the GPU is busy until all ten have clicked: no picture ends before they do
     for seed, client in enumerate(clients, 1):
-        jobs.append(generate(client, face, seed, **QUICK))
+        jobs.append(generate(client, face, seed, steps=30, size="128x128"))  # ~1 s apart: arrivals keep their order
         # each has clicked, in this order: in line, or (beyond the limit) refused before the next one clicks
         until(lambda: jobs[-1].done() if seed > app.LINE_LIMIT else len(line) == seed)
     hold.set()

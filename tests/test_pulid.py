@@ -33,6 +33,7 @@ from instantid_colab import memory, pipeline, pulid, smoke
 from instantid_colab.adapter import AdapterError
 from instantid_colab.settings import SettingsError
 from tests.latents import generate_with_latents, relative_difference
+from tests.pictures import picture
 from tests.test_official_equivalence import block_hidden_size
 
 TOLERANCE = 1e-5
@@ -384,10 +385,12 @@ class OfficialPuLID:
 
     @torch.no_grad()
     def inference(self, settings, photos, ortho_v2=True):
-        """`inference` with `__call__` as its model: the UNet twice per step, mixed by the guidance scale; the
-        sampler is the session's diffusers scheduler (see the module docstring)."""
+        """app_v1_1.py's `run` (each ID photo resize_numpy_image_long(image, 1024), then get_id_embedding), then
+        `inference` with `__call__` as its model: the UNet twice per step, mixed by the guidance scale; the sampler
+        is the session's diffusers scheduler (see the module docstring)."""
         OfficialIDAttnProcessor.ORTHO_v2 = ortho_v2
-        uncond_id_embedding, id_embedding = self.get_id_embedding([np.asarray(p.convert("RGB")) for p in photos])
+        uncond_id_embedding, id_embedding = self.get_id_embedding(
+            [resize_numpy_image_long(np.asarray(p.convert("RGB")), 1024) for p in photos])
         pipe, num = self.session.pipe, settings["num_images"]
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = pipe.encode_prompt(
             prompt=settings["prompt"], negative_prompt=settings["negative_prompt"], device="cpu",
@@ -413,6 +416,17 @@ class OfficialPuLID:
         return latents
 
 
+def resize_numpy_image_long(image, resize_long_edge=768):
+    """pulid/utils.py: the long side to `resize_long_edge` when longer, sizes truncated, OpenCV's Lanczos."""
+    h, w = image.shape[:2]
+    if max(h, w) <= resize_long_edge:
+        return image
+    k = resize_long_edge / max(h, w)
+    h = int(h * k)
+    w = int(w * k)
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LANCZOS4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ours against it
 
@@ -436,6 +450,31 @@ def test_id_tokens_equal_the_official_get_id_embedding(setup):
         assert positive.shape == official_positive.shape == (1, 8, 64)  # smoke IDFormer: 8 queries, UNet width 64
         assert relative_difference(positive, official_positive) < TOLERANCE
         assert relative_difference(negative, official_negative) < TOLERANCE
+
+
+def test_a_big_photo_is_shrunk_as_the_official_app_shrinks_it_before_anything_else(setup):
+    """A 1400x1050 photo (a phone photo is larger still): the app's resize to 1024 happens before detection,
+    alignment and embedding, and it matters (the photo as given gives other tokens)."""
+    session, official = setup
+    big = picture((1400, 1050), [(560, 380, 280, (235, 200, 175))])
+    negative, positive = session.identity_engine("pulid").id_tokens(session.faces, [big], torch.device("cpu"))
+    shrunk = official.get_id_embedding([resize_numpy_image_long(np.asarray(big), 1024)])
+    assert relative_difference(positive, shrunk[1]) < TOLERANCE and relative_difference(negative, shrunk[0]) < TOLERANCE
+    as_given = official.get_id_embedding([np.asarray(big)])[1]
+    assert relative_difference(positive, as_given) > 100 * TOLERANCE
+
+
+def test_a_photo_bigger_than_the_working_size_reaches_pulid_whole(setup, monkeypatch, tmp_path):
+    """Through `generate` from a file of 2600x1950: opened whole (not at our 2048 working size), then shrunk once,
+    as the official app does; the latents equal the official run's."""
+    session, official = setup
+    path = tmp_path / "phone.png"
+    picture((2600, 1950), [(1040, 700, 520, (235, 200, 175))]).save(path)
+    result, latents = generate_with_latents(session, monkeypatch, str(path), "a portrait", identity="pulid",
+                                            width=128, height=128, steps=3, seed=5)
+    from PIL import Image
+
+    assert relative_difference(latents, official.inference(result.settings, [Image.open(path)])) < TOLERANCE
 
 
 CASES = {
