@@ -31,7 +31,7 @@ import gradio as gr
 from PIL import Image
 
 from instantid_colab import (controls, environment, images, loras, memory, people, pipeline, refine, schedulers,
-                             settings, speed, styles)
+                             settings, settings_files, speed, styles)
 from instantid_colab.gpu_line import LINE_LIMIT, Busy, GpuLine, Turn
 from instantid_colab.smoke import SMOKE_LABEL
 from instantid_colab.weights import DamagedWeightsError, MissingWeightsError
@@ -640,6 +640,27 @@ def _style_and_start_photo(defaults: dict[str, Any]) -> dict[str, Any]:
     return named
 
 
+def _settings_loader() -> Any:
+    """The collapsed Load settings section: a settings file the identity benchmark wrote (its best_settings/)."""
+    with gr.Accordion("Load settings", open=False):
+        return gr.File(label="A settings file from the identity benchmark (its best_settings/ folder): its settings "
+                             "fill this page", file_types=[".json"], type="filepath", elem_id="settings-file")
+
+
+def _load_settings(path: str | None) -> list[Any]:
+    """The page's settings from the file (`settings_files.page_values`, in PAGE_FIELDS order), then a notice saying
+    what was loaded and what is set by hand (pictures, ControlNets)."""
+    if not path:
+        return [gr.update() for _ in settings_files.PAGE_FIELDS] + [gr.update()]
+    try:
+        page, left = settings_files.page_values(settings_files.read(path))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    notice = f"Loaded {len(page)} settings from {Path(path).name}." + (
+        f" Set these by hand: {', '.join(left)}." if left else "")
+    return [gr.update(value=page[name]) if name in page else gr.update() for name in settings_files.PAGE_FIELDS] + [notice]
+
+
 def _results(session: pipeline.InstantIDSession) -> dict[str, Any]:
     """The right column: pictures, preview, notices (also the place in line), settings, keypoints, the maps the
     ControlNets saw, the memory panel and how to read the likeness."""
@@ -687,8 +708,12 @@ def _wire(app: gr.Blocks, session: pipeline.InstantIDSession, line: GpuLine, inp
         line.stop(_browser(request))
 
     buttons["stop"].click(on_stop, queue=False, api_name="stop")
-    inputs["speed_mode"].change(_speed_switch, inputs=inputs["speed_mode"],
-                                outputs=[inputs["steps"], inputs["guidance_scale"]], queue=False)
+    # `input`, not `change`: a person's choice moves steps and guidance; a loaded settings file brings its own
+    inputs["speed_mode"].input(_speed_switch, inputs=inputs["speed_mode"],
+                               outputs=[inputs["steps"], inputs["guidance_scale"]], queue=False)
+    buttons["settings_file"].change(_load_settings, inputs=buttons["settings_file"],
+                                    outputs=[*(inputs[name] for name in settings_files.PAGE_FIELDS), outputs["notices"]],
+                                    queue=False)
     inputs["identity"].change(_identity_switch, inputs=inputs["identity"],
                               outputs=[*(inputs[name] for name in IDENTITYNET_ONLY), inputs["s_scale"]], queue=False)
 
@@ -718,6 +743,7 @@ def build_app(session: pipeline.InstantIDSession, line: GpuLine | None = None) -
                                    "stop": gr.Button("Stop", variant="stop", elem_id="stop", scale=1)}
                     inputs |= _advanced(defaults) | _people_section() | _control_sections()
                     inputs |= _style_and_start_photo(defaults)
+                    buttons["settings_file"] = _settings_loader()  # not an input of /generate
                 with gr.Column():
                     outputs = _results(session)
         outputs["seed"] = inputs["seed"]

@@ -33,6 +33,7 @@ from instantid_colab.textfiles import read_text
 RESULTS = "results.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
 THUMB = 256
+CAPTION = 36  # room under a thumbnail for a caption of two lines
 # Columns: pipeline.generate's keyword names, plus the pictures and the output name. Lists ("controls",
 # "loras", "extra_faces") are `;`-separated in CSV and may be JSON lists in JSONL.
 NUMBERS = ("steps", "guidance_scale", "identitynet_strength", "adapter_strength", "seed", "width", "height",
@@ -135,20 +136,21 @@ def _relative(base: Path, text: str) -> str:
     return str(path if path.is_absolute() else base / path)
 
 
-def prepare_rows(manifest: str | Path, smoke: bool = False, speed: str | None = None) -> list[Row]:
+def prepare_rows(manifest: str | Path, smoke: bool = False, speed: str | None = None,
+                 defaults: dict[str, Any] | None = None) -> list[Row]:
     """Every row checked (settings, pictures, controls, LoRAs) and keyed; ManifestError lists all problems.
 
     Picture paths are relative to the manifest's folder. `speed`: the speed mode of rows without a speed
-    column. A row without a seed gets one derived from its content, so a re-run makes the same picture and
-    finds it done.
+    column; `defaults` (a settings file's): the value of each column a row does not have. A row without a seed
+    gets one derived from its content, so a re-run makes the same picture and finds it done.
     """
     manifest = Path(manifest)
     base = manifest.parent
+    fallback = {**(defaults or {}), **({"speed": speed} if speed else {})}
     rows, problems = [], []
     for number, raw in enumerate(read_manifest(manifest), 1):
         try:
-            rows.append(prepare_row(number, {"speed": speed, **raw} if speed and "speed" not in raw else raw, base,
-                                    smoke))
+            rows.append(prepare_row(number, {**fallback, **raw}, base, smoke))
         except (ValueError, FileNotFoundError) as error:  # SettingsError, ImageInputError, ...
             problems.append(f"row {number}: {error}")
     if problems:
@@ -282,27 +284,71 @@ class Claims:
         return None
 
     def finish(self, row: Row, result: dict[str, Any]) -> None:
-        """Append the row's result line and drop its claim, under the lock (one file, no duplicates)."""
+        """Append the row's result line and drop its claim, under the lock (one file, no duplicates). A last line
+        cut off by a killed run is ended first, so this one starts a line of its own."""
         with self.locked():
-            with open(self.out / RESULTS, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(result) + "\n")
+            path = self.out / RESULTS
+            with open(path, "a+b") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell():
+                    handle.seek(-1, os.SEEK_END)
+                    cut = handle.read(1) != b"\n"
+                    handle.seek(0, os.SEEK_END)
+                    if cut:
+                        handle.write(b"\n")
+                handle.write((json.dumps(result) + "\n").encode("utf-8"))
             (self.out / "claims" / row.key).unlink(missing_ok=True)
 
 
 def results(out: Path) -> list[dict[str, Any]]:
+    """Every record of `out/results.jsonl`, in order. A line cut off by a killed run is dropped; when an older
+    version appended the next record to such a line, that record is recovered from its end."""
     path = Path(out) / RESULTS
     if not path.is_file():
         return []
     lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a killed process
-            lines.append(json.loads(line))
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        record = _record(text)
+        if record is not None:
+            lines.append(record)
     return lines
 
 
+def _record(text: str) -> dict[str, Any] | None:
+    """The JSON object on a line, or the whole object that ends it (after a cut-off one); None for anything else."""
+    start = 0
+    while start >= 0:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(text[start:])
+            return record if isinstance(record, dict) else None
+        start = text.find("{", start + 1)
+    return None
+
+
+def latest(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each row's last record by key: a row that failed and was made on a later run counts as made."""
+    return {line["key"]: line for line in lines if isinstance(line.get("key"), str)}
+
+
+def pictures(out: Path, line: dict[str, Any]) -> list[Path | None]:
+    """The record's pictures on disk (None for one that is gone). Files are named relative to the output folder;
+    records of older versions named them relative to the folder the command ran in, so a folder that was moved,
+    or a command run from elsewhere, finds them by the tail of that name under `out`."""
+    found = []
+    for file in line.get("files") or ():
+        path = Path(file)
+        tails = [path] if path.is_absolute() else [Path(*path.parts[start:]) for start in range(len(path.parts))]
+        found.append(next((out / tail if not tail.is_absolute() else tail for tail in tails
+                           if (out / tail).is_file()), None))
+    return found
+
+
 def done_keys(out: Path) -> set[str]:
-    """The rows made: a failed row (its reason in its line) is tried again by the next run."""
-    return {line["key"] for line in results(out) if "key" in line and line.get("status") == "done"}
+    """The rows made and still on disk: a failed row (its reason in its line), or one whose picture was deleted,
+    is made again by the next run."""
+    out = Path(out)
+    return {key for key, line in latest(results(out)).items()
+            if line.get("status") == "done" and all(pictures(out, line))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,11 +374,12 @@ class BatchReport:
 
 def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: int = 1, progress: bool = True,
         on_row=None, measure: Callable[[Row, Any], dict[str, Any]] | None = None, desc: str = "batch",
-        sheet: bool = True) -> BatchReport:
+        sheet: bool = True, before_row: Callable[[Row], None] | None = None) -> BatchReport:
     """Make every row not yet in `out/results.jsonl`, taking rows through `Claims` (safe with several processes).
 
     Each results line records the row's seconds and, on a GPU, its peak VRAM; `measure(row, result)` adds its
-    own figures to the line before it is written (the identity benchmark's metrics), outside the seconds.
+    own figures to the line before it is written (the identity benchmark's metrics), outside the seconds;
+    `before_row(row)` runs once a row is taken, before its seconds start (the benchmark's load of a setting).
     `sheet`: write contact_sheet.png at the end.
     """
     from tqdm.auto import tqdm
@@ -353,6 +400,8 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer") as writer:
         writing = None
         while (row := claims.take(rows)) is not None:
+            if before_row is not None:
+                before_row(row)
             row_started = time.perf_counter()
             peak = _PeakVram(session.device)
             line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "run": claims.run,
@@ -417,9 +466,18 @@ def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Pa
     """The row's PNGs, then its results line (a row is done only once its pictures are on disk)."""
     from instantid_colab.png_metadata import save_png
 
-    line["files"] = [str(save_png(image, out / f"{row.name}{f'-{index}' if len(images) > 1 else ''}.png"))
-                     for index, image in enumerate(images)]
+    line["files"] = [str(save_png(image, out / f"{row.name}{f'-{index}' if len(images) > 1 else ''}.png").relative_to(out))
+                     for index, image in enumerate(images)]  # relative to `out`: the folder may move
     claims.finish(row, line)
+
+
+def warm_up(session, row: Row) -> None:
+    """One 64 px picture of one step with the row's settings: it loads what the row needs (its identity method,
+    speed mode and style LoRAs, ControlNets, annotators) without making the row."""
+    from instantid_colab import pipeline
+
+    pipeline.generate(session, row.values["face_image"],
+                      **{**_keywords(row.values), "width": 64, "height": 64, "steps": 1, "num_images": 1})
 
 
 def _keywords(values: dict[str, Any]) -> dict[str, Any]:
@@ -430,12 +488,12 @@ def _keywords(values: dict[str, Any]) -> dict[str, Any]:
 def contact_sheet(out: Path, rows: list[Row], label: str | None = None, columns: int = 4) -> Path | None:
     """One picture of every image made so far, in manifest order, captioned with row, seed and likeness
     (under the smoke label when the images come from random weights)."""
-    by_key = {line["key"]: line for line in results(out) if line.get("status") == "done"}
+    by_key = {key: line for key, line in latest(results(out)).items() if line.get("status") == "done"}
     tiles = []
     for row in rows:
         line = by_key.get(row.key)
-        for index, (file, similarity) in enumerate(zip(line["files"], line["identity_similarity"]) if line else ()):
-            if Path(file).is_file():
+        for index, (file, similarity) in enumerate(zip(pictures(out, line), line["identity_similarity"]) if line else ()):
+            if file is not None:
                 likeness = "n/a" if similarity is None else f"{similarity:.2f}"
                 tiles.append((file, f"row {row.number}#{index + 1} · seed {line['seed']} · likeness {likeness}"))
     if not tiles:
@@ -447,12 +505,19 @@ def contact_sheet(out: Path, rows: list[Row], label: str | None = None, columns:
 
 
 def draw_sheet(grid: list[list[tuple[str | Path | None, str]]], label: str | None = None,
-               titles: list[str] | None = None, columns: int | None = None) -> Image.Image:
+               titles: list[str] | None = None, columns: int | None = None, footer: list[str] = ()) -> Image.Image:
     """Thumbnails in rows and columns (`columns` wide, else as wide as the longest row), each (file or None for an
-    empty place, caption), with a title over each column when given, under `label` (the smoke label) when given."""
+    empty place, caption: one or two lines, written right under the picture), with a title over each column when
+    given, under `label` (the smoke label) when given, and `footer` lines under the grid."""
+    import textwrap
+
+    from PIL import ImageOps
+
     columns = columns or max(len(row) for row in grid)
+    footer = [wrapped for line in footer for wrapped in textwrap.wrap(line, max(20, columns * THUMB // 6 - 2))]
     top = (24 if label else 0) + (20 if titles else 0)
-    sheet = Image.new("RGB", (columns * THUMB, top + len(grid) * (THUMB + 20)), "white")
+    tile = THUMB + CAPTION
+    sheet = Image.new("RGB", (columns * THUMB, top + len(grid) * tile + 16 * len(footer) + (8 if footer else 0)), "white")
     draw = ImageDraw.Draw(sheet)
     if label:
         draw.text((4, 6), label, fill="darkred")
@@ -460,10 +525,14 @@ def draw_sheet(grid: list[list[tuple[str | Path | None, str]]], label: str | Non
         draw.text((column * THUMB + 4, top - 16), title, fill="black")
     for row_index, row in enumerate(grid):
         for column, (file, caption) in enumerate(row):
-            x, y = column * THUMB, top + row_index * (THUMB + 20)
+            x, y = column * THUMB, top + row_index * tile
+            height = 0
             if file is not None:
                 with Image.open(file) as picture:
-                    picture.thumbnail((THUMB, THUMB))
-                    sheet.paste(picture.convert("RGB"), (x + (THUMB - picture.width) // 2, y))
-            draw.text((x + 4, y + THUMB + 4), caption, fill="black")
+                    fitted = ImageOps.contain(picture.convert("RGB"), (THUMB - 8, THUMB - 8))
+                sheet.paste(fitted, (x + (THUMB - fitted.width) // 2, y))
+                height = fitted.height
+            draw.multiline_text((x + 4, y + height + 3), caption, fill="black", spacing=2)
+    for number, line in enumerate(footer):
+        draw.text((4, top + len(grid) * tile + 6 + 16 * number), line, fill="dimgrey")
     return sheet

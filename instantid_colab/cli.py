@@ -179,9 +179,26 @@ def _controls(args: argparse.Namespace) -> list:
     return [controls.Control(c.kind, controls.source_image(c), c.strength, c.start, c.end, c.is_map) for c in checked]
 
 
+def _with_settings_file(args: argparse.Namespace) -> argparse.Namespace:
+    """The command line again with a settings file's values as its defaults (what is typed still wins)."""
+    if not args.settings:
+        return args
+    from instantid_colab import settings_files
+
+    parser = build_parser()
+    command = parser.commands[args.command]
+    command.set_defaults(**settings_files.command_line_defaults(settings_files.read(args.settings), command,
+                                                                  args.settings))
+    again = parser.parse_args(args.argv)
+    again.argv = args.argv
+    return again
+
+
 def _generate(args: argparse.Namespace) -> int:
     """Check everything a person typed (settings, pictures, destination) before loading any model."""
     import random
+
+    args = _with_settings_file(args)
 
     from instantid_colab import loras, memory, outputs, pipeline, settings, speed
     from instantid_colab.faces import Likeness
@@ -308,7 +325,12 @@ def _batch(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     if args.gpus > 1:
         return _launch_on_gpus(args.gpus, args.argv)
-    rows = batch.prepare_rows(args.manifest, smoke=args.smoke, speed=args.speed)
+    defaults = None
+    if args.settings:
+        from instantid_colab import settings_files
+
+        defaults = settings_files.read(args.settings)
+    rows = batch.prepare_rows(args.manifest, smoke=args.smoke, speed=args.speed, defaults=defaults)
     process, processes = _this_process()
     session = pipeline.load_pipeline(_weights_for_rows(args, rows), progress=False)
     report = batch.run(session, rows, args.out, process=process, processes=processes)
@@ -510,6 +532,9 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
                           help="after the image is made, make each face again at full resolution through a 1024 "
                                f"crop and paste it back ({LIMITS['refine_strength'].render()}; {REFINE_STRENGTH} when "
                                "given alone)")
+    generate.add_argument("--settings", metavar="FILE",
+                          help="take the settings from this file (one bench wrote to its best_settings/ folder); "
+                               "options typed here win")
     generate.add_argument("--memory", action="store_true", help="print the per-stage memory table")
     generate.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
 
@@ -522,10 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
+    parser.commands = {}  # name -> its parser (a settings file sets a command's defaults: `_with_settings_file`)
+
     def command(name: str, help: str, handler) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
         cli_errors.debug_option(sub)
         sub.set_defaults(handler=handler)
+        parser.commands[name] = sub
         return sub
 
     doctor = command("doctor", "environment, memory and the memory plan", _doctor)
@@ -583,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
     batch.add_argument("--speed", choices=list(SPEEDS), metavar="NAME",
                        help="the speed mode of rows without a speed column: " + ", ".join(SPEEDS))
+    batch.add_argument("--settings", metavar="FILE",
+                       help="the value of each column a row does not have, from this settings file (one bench wrote "
+                            "to its best_settings/ folder)")
     batch.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
     _weights_options(batch)
 

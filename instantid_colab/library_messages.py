@@ -7,6 +7,8 @@ everything else a library says still reaches the user.
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -26,3 +28,12 @@ def without(loggers: Sequence[str], starting: str | tuple[str, ...]) -> Iterator
     finally:
         for logger in named:
             logger.removeFilter(keep)
+
+
+@contextmanager
+def warnings_without(starting: str) -> Iterator[None]:
+    """Drop the Python warnings whose message starts with `starting` (libraries such as peft warn through
+    `warnings`, not logging), inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(starting))
+        yield

@@ -24,6 +24,7 @@ _UP = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight")
 # Where diffusers says a LoRA has no text-encoder keys (0.42 does, from these three modules; 0.31 does not): true of
 # every speed preset's LoRA and most style LoRAs, "safe to ignore" in its own words, yet it ends "open an issue".
 _NO_TEXT_ENCODER_KEYS = "No LoRA keys associated to"
+_SEVERAL_ADAPTERS = "Already found a `peft_config` attribute"  # peft, on every LoRA beside another: several is our design
 _LOADER_LOGGERS = ("diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline", "diffusers.loaders.peft")
 
 
@@ -119,7 +120,8 @@ def load(pipe, path: Path, name: str) -> str:
                         "Next step: use a LoRA trained for SDXL (its model card says SDXL 1.0 or an SDXL fine-tune).")
     before = set(pipe.get_list_adapters().get("unet", []))
     try:
-        with library_messages.without(_LOADER_LOGGERS, _NO_TEXT_ENCODER_KEYS):
+        with library_messages.without(_LOADER_LOGGERS, _NO_TEXT_ENCODER_KEYS), \
+                library_messages.warnings_without(_SEVERAL_ADAPTERS):
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     except Exception as error:
         if name in set(pipe.get_list_adapters().get("unet", [])) - before:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from instantid_colab import faces, memory, styles
+from instantid_colab import faces, library_messages, memory, styles
 from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
 from instantid_colab.png_metadata import attach_metadata
@@ -46,6 +46,7 @@ from instantid_colab.weights import (
     SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, reading, root_of,
 )
 
+_SCHEDULE_LOGGERS = ("diffusers.schedulers.scheduling_lcm", "diffusers.schedulers.scheduling_tcd")
 IDENTITY_MODULES = {"faceid-plusv2": "instantid_colab.faceid", "pulid": "instantid_colab.pulid"}  # beside InstantID
 IDENTITY_DOWNLOAD_GB = {"faceid-plusv2": 4, "pulid": 2}  # what each first load fetches (adapter, encoders)
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
@@ -684,6 +685,8 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         else:
             stack.enter_context(engine_installed)
         stack.enter_context(_text_encoders_detached(caller))
+        if "timesteps" in arguments:  # the card's schedule is meant to be off the sampler's training grid
+            stack.enter_context(library_messages.without(_SCHEDULE_LOGGERS, "The custom timestep schedule contains"))
         halved = [model for model in (pipe.unet, controlnet) if model is not None] if interval and do_cfg else []
         stack.enter_context(speed_module.conditional_half_only(halved, lambda: plan.skipping))
         latents = caller(  # the tokens above stand in for what the UNet would make of these embeddings

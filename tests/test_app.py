@@ -18,7 +18,7 @@ import pytest
 import numpy as np
 from PIL import Image
 
-from instantid_colab import app, cli, memory, pipeline, schedulers, settings, smoke, speed, styles
+from instantid_colab import app, cli, memory, pipeline, schedulers, settings, settings_files, smoke, speed, styles
 from instantid_colab.smoke import SMOKE_LABEL
 from tests.pictures import png_header_only
 
@@ -456,7 +456,7 @@ def test_page_lists_a_section_for_each_control_and_the_lora_and_start_photo_inpu
     blocks = app.build_app(_session())
     accordions = [block.label for block in _components(blocks, gr.Accordion)]
     assert accordions == ["Advanced", "People: several in one picture", "Body pose, edges, depth (extra ControlNets)",
-                          "Style LoRAs", "Start from a photo (img2img)", "How to read the likeness"]
+                          "Style LoRAs", "Start from a photo (img2img)", "Load settings", "How to read the likeness"]
     images = {image.elem_id for image in _components(blocks, gr.Image)}
     assert {"person-1", "person-2", "person-3", "person-4"} <= images
     sliders = {slider.elem_id: slider for slider in _components(blocks, gr.Slider) if slider.elem_id}
@@ -528,3 +528,21 @@ def test_the_identity_method_reaches_the_core_and_the_memory_panel_says_where_it
     assert re.search(r"faceid-plusv2: projection and IP layers on cpu \(0\.\d\d GiB.*image encoder on cpu", panel)
     with pytest.raises(gr.Error, match="refine_face repaints faces through InstantID's IdentityNet"):
         run(handler, face_path=face_file, steps=2, size="128x128", identity="faceid-plusv2", refine_on=True)
+
+
+def test_load_settings_fills_the_page_from_a_bench_settings_file(tmp_path):
+    path = tmp_path / "02-speed_lightning-4.json"
+    path.write_text(json.dumps({"name": "speed=lightning-4, ...", "settings": {
+        "speed": "lightning-4", "identitynet_strength": "0.6", "guidance_interval": "0.17,0.9", "width": 896,
+        "height": "1152", "loras": "owner/style:0.8", "controls": "pose=pose.jpg:0.4"}}))
+    updates = app._load_settings(str(path))
+    by_field = dict(zip(settings_files.PAGE_FIELDS, updates))
+    assert by_field["speed_mode"]["value"] == "lightning-4" and by_field["identitynet_strength"]["value"] == 0.6
+    assert (by_field["steps"]["value"], by_field["guidance_scale"]["value"]) == (4, 0.0)  # the mode's own
+    assert (by_field["guidance_from"]["value"], by_field["guidance_to"]["value"]) == (0.17, 0.9)
+    assert by_field["size"]["value"] == "896x1152" and by_field["lora_text"]["value"] == "owner/style:0.8"
+    assert "value" not in by_field["style"]  # not in the file: left as it is
+    assert updates[-1] == f"Loaded 8 settings from {path.name}. Set these by hand: controls."
+    path.write_text("{not json")
+    with pytest.raises(gr.Error, match="not JSON"):
+        app._load_settings(str(path))

@@ -137,7 +137,7 @@ def test_a_hundred_pictures_in_a_row_keep_the_servers_memory_flat_and_leave_no_t
         (folder,) = tmp_path.glob("instantid-app-*")  # gradio's uploads and pictures: the app's own folder
         assert any(path.is_file() for path in folder.rglob("*"))
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=60) == 0
+        assert server.wait(timeout=180) == 0  # a loaded machine closes gradio slowly
         assert not folder.exists()
     finally:
         server.kill()

@@ -64,8 +64,8 @@ def test_csv_rows_make_pngs_results_and_a_contact_sheet_then_a_rerun_makes_nothi
     assert [len(line["files"]) for line in done] == [1, 2, 1]
     assert done[0]["seed"] == 1 and done[2]["seed"] == 3 and done[1]["settings"]["loras"] == [{"name": "smoke", "scale": 0.5}]
     assert done[1]["settings"]["controls"][0]["kind"] == "canny"
-    assert all(Path(file).is_file() for line in done for file in line["files"])
-    stored = json.loads(Image.open(done[1]["files"][1]).text["instantid"])
+    assert all((folder / "out" / file).is_file() for line in done for file in line["files"])  # relative to --out
+    stored = json.loads(Image.open(folder / "out" / done[1]["files"][1]).text["instantid"])
     assert stored["image_index"] == 1 and stored["seed"] == done[1]["seed"]
     assert (folder / "out" / batch.CONTACT_SHEET).is_file()
     again = batch.run(session, batch.prepare_rows(folder / "m.csv", smoke=True), folder / "out", progress=False)

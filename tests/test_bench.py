@@ -4,8 +4,10 @@ against a hand computation on the tiny smoke judges, the summary's statistics, a
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,14 +199,16 @@ def test_a_grid_file_names_its_configurations_and_refuses_what_cannot_vary(tmp_p
         grid.parse_grid(str(tmp_path / "twice.jsonl"))
 
 
-def test_rows_go_seed_by_seed_and_setting_by_setting_with_the_same_seeds_for_every_setting(people_folder):
+def test_rows_go_setting_by_setting_with_the_same_seeds_for_every_setting(people_folder):
+    """A setting's method and LoRAs load once per run: all its rows come together."""
     plan = run.plan(people_folder, "protocol", "speed=quality,lcm", seeds=2, smoke=True)
-    assert [(r.record["seed"], r.record["configuration"], r.record["person"]) for r in plan.rows] == [
-        (42, "speed=quality", "ann"), (42, "speed=quality", "bob"), (42, "speed=lcm", "ann"), (42, "speed=lcm", "bob"),
-        (43, "speed=quality", "ann"), (43, "speed=quality", "bob"), (43, "speed=lcm", "ann"), (43, "speed=lcm", "bob")]
-    assert [r.values["seed"] for r in plan.rows[:3]] == [42, 42, 42] and plan.rows[0].key != plan.rows[2].key
-    assert plan.rows[2].name == "02-speed_lcm/ann-p01-s42"
-    assert plan.rows[2].values["steps"] == 5 and plan.rows[0].values["steps"] == 30  # each preset's own steps
+    assert [(r.record["configuration"], r.record["seed"], r.record["person"]) for r in plan.rows] == [
+        ("speed=quality", 42, "ann"), ("speed=quality", 42, "bob"), ("speed=quality", 43, "ann"),
+        ("speed=quality", 43, "bob"), ("speed=lcm", 42, "ann"), ("speed=lcm", 42, "bob"), ("speed=lcm", 43, "ann"),
+        ("speed=lcm", 43, "bob")]
+    assert [r.values["seed"] for r in plan.rows[::2]] == [42, 43, 42, 43] and plan.rows[0].key != plan.rows[4].key
+    assert plan.rows[4].name == "02-speed_lcm/ann-p01-s42"
+    assert plan.rows[4].values["steps"] == 5 and plan.rows[0].values["steps"] == 30  # each preset's own steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +259,11 @@ def _sface_by_hand(model_path: Path, image: Image.Image, face) -> np.ndarray:
     return session.run(None, {"data": blob})[0].reshape(-1)
 
 
-def test_the_judge_likeness_is_sfaces_cosine_on_faces_aligned_by_their_five_points(weights, session, loaded_judges):
+def test_the_sface_judge_is_sfaces_cosine_on_faces_aligned_by_their_five_points(weights, session, loaded_judges):
     model_path = model_folder(weights, "judges", judges.SFACE_REPO) / judges.SFACE_FILE
     pictures = [smoke.sample_face_image(300), smoke.sample_face_image(256, face_color=BLUE)]
     faces = [session.faces.detect(picture) for picture in pictures]
-    ours = [loaded_judges.face.embed(picture, face) for picture, face in zip(pictures, faces)]
+    ours = [loaded_judges.sface.embed(picture, face) for picture, face in zip(pictures, faces)]
     by_hand = [_sface_by_hand(model_path, picture, face) for picture, face in zip(pictures, faces)]
     for mine, theirs in zip(ours, by_hand):
         assert float(np.dot(mine, theirs) / np.linalg.norm(mine) / np.linalg.norm(theirs)) > 0.9999
@@ -267,36 +271,103 @@ def test_the_judge_likeness_is_sfaces_cosine_on_faces_aligned_by_their_five_poin
     assert judges.cosine(ours[0], ours[1]) == pytest.approx(expected, abs=2e-4)
 
 
-def test_each_picture_is_measured_against_the_held_out_photo_by_arcface_and_the_judge(people_folder, session,
-                                                                                      loaded_judges):
+def _auraface_by_hand(model_path: Path, image: Image.Image, face) -> np.ndarray:
+    """AuraFace as insightface's ArcFaceONNX runs a recogniser, restated: the five points onto ArcFace's 112x112
+    template (the same numbers as SFace's), RGB scaled by (x - 127.5) / 127.5 (none for a graph that starts with
+    its own Sub and Mul), the ONNX graph run by onnxruntime."""
+    import cv2
+    import onnx
+    from skimage.transform import SimilarityTransform
+
+    points = np.asarray(face.kps, np.float64)
+    if hasattr(SimilarityTransform, "from_estimate"):
+        transform = SimilarityTransform.from_estimate(points, SFACE_TEMPLATE)
+    else:
+        transform = SimilarityTransform()
+        transform.estimate(points, SFACE_TEMPLATE)
+    aligned = cv2.warpAffine(np.asarray(image), transform.params[:2], (112, 112), borderValue=0.0)
+    first_ops = {node.op_type for node in onnx.load(str(model_path)).graph.node[:8]}
+    mean, std = (0.0, 1.0) if {"Sub", "Mul"} <= first_ops else (127.5, 127.5)
+    blob = ((aligned.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None]
+    model = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    return model.run(None, {model.get_inputs()[0].name: blob})[0].reshape(-1)
+
+
+def test_the_auraface_judge_is_the_recognisers_cosine_on_faces_aligned_to_arcfaces_template(weights, session,
+                                                                                              loaded_judges):
+    model_path = model_folder(weights, "judges", judges.AURAFACE_REPO) / judges.AURAFACE_FILE
+    pictures = [smoke.sample_face_image(300), smoke.sample_face_image(256, face_color=BLUE)]
+    faces = [session.faces.detect(picture) for picture in pictures]
+    before = [face.embedding.copy() for face in faces]
+    ours = [loaded_judges.auraface.embed(picture, face) for picture, face in zip(pictures, faces)]
+    assert all(np.array_equal(face.embedding, kept) for face, kept in zip(faces, before))  # the face is not rewritten
+    by_hand = [_auraface_by_hand(model_path, picture, face) for picture, face in zip(pictures, faces)]
+    for mine, theirs in zip(ours, by_hand):
+        assert mine.shape == (512,) and float(np.dot(mine, theirs) / np.linalg.norm(mine) / np.linalg.norm(theirs)) > 0.9999
+    assert judges.NAMES["auraface"] == "AuraFace (fal/AuraFace-v1)" and judges.AURAFACE_FILE == "glintr100.onnx"
+
+
+def test_copy_paste_is_multiid_benchs_angle_difference_over_the_reference_angle():
+    given, held_out = np.array([1.0, 0.0]), np.array([0.0, 1.0])  # 90 degrees apart
+    assert judges.copy_paste(given, given, held_out) == 1.0  # on the photos given
+    assert judges.copy_paste(held_out, given, held_out) == -1.0  # on the held-out photo
+    halfway = np.array([1.0, 1.0])
+    assert judges.copy_paste(halfway, given, held_out) == 0.0
+    tilted = np.array([np.cos(0.3), np.sin(0.3)])  # 0.3 rad from the photos given
+    assert judges.copy_paste(tilted, given, held_out) == pytest.approx(((np.pi / 2 - 0.3) - 0.3) / (np.pi / 2), abs=1e-4)
+
+
+def test_each_picture_is_measured_against_the_photos_given_and_the_held_out_photo_by_each_recogniser(
+        people_folder, session, loaded_judges):
     people = references.find_people(people_folder)
     targets = run.references(session, loaded_judges, people)
-    held_out_photo = Image.open(people_folder / "bob" / "bob-3.png").convert("RGB")
-    held_out_face = session.faces.detect(held_out_photo)
-    picture = smoke.sample_face_image(272, face_color=BLUE)  # a "generated" picture of bob
-    face = session.faces.detect(picture)
-    figures = run.measure(session, loaded_judges, targets["bob"], picture, "portrait")
 
     def cos(a, b):
         return float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
 
-    assert figures["heldout_likeness"] == pytest.approx(cos(face.embedding, held_out_face.embedding), abs=1e-4)
-    judge_held_out = loaded_judges.face.embed(held_out_photo, held_out_face)
-    assert figures["judge_likeness"] == pytest.approx(cos(loaded_judges.face.embed(picture, face), judge_held_out),
-                                                      abs=1e-4)
-    assert figures["judged_against"] == "held-out photo"
+    def faced(path):
+        photo = Image.open(path).convert("RGB")
+        return photo, session.faces.detect(photo)
+
+    (given_photo, given_face), (held_photo, held_face) = faced(people_folder / "bob" / "bob-1.png"), \
+        faced(people_folder / "bob" / "bob-3.png")
+    second = faced(people_folder / "bob" / "bob-2.png")
+    picture = smoke.sample_face_image(272, face_color=BLUE)  # a "generated" picture of bob
+    face = session.faces.detect(picture)
+    figures = run.measure(session, loaded_judges, targets["bob"], picture, "portrait")
+
+    assert figures["heldout_likeness"] == pytest.approx(cos(face.embedding, held_face.embedding), abs=1e-4)
+    aura = loaded_judges.auraface
+    aura_given = np.mean([aura.embed(p, f) / np.linalg.norm(aura.embed(p, f))
+                          for p, f in ((given_photo, given_face), second)], axis=0)
+    assert figures["auraface_given"] == pytest.approx(cos(aura.embed(picture, face), aura_given), abs=1e-4)
+    aura_held = aura.embed(held_photo, held_face)
+    assert figures["auraface_heldout"] == pytest.approx(cos(aura.embed(picture, face), aura_held), abs=1e-4)
+    assert figures["sface_heldout"] == pytest.approx(
+        cos(loaded_judges.sface.embed(picture, face), loaded_judges.sface.embed(held_photo, held_face)), abs=1e-4)
+    angle = [float(np.arccos(np.clip(cos(a, b), -1, 1))) for a, b in (
+        (aura.embed(picture, face), aura_held), (aura.embed(picture, face), aura_given), (aura_given, aura_held))]
+    assert figures["copy_paste"] == pytest.approx((angle[0] - angle[1]) / angle[2], abs=2e-3)
     assert figures["clip_score"] == loaded_judges.clip.score(picture, "portrait")
+    ceiling = np.mean([cos(aura.embed(p, f), aura_held) for p, f in ((given_photo, given_face), second)])
+    assert targets["bob"].ceiling["auraface"] == pytest.approx(ceiling, abs=1e-4)
+    assert set(targets["bob"].ceiling) == {"arcface", "auraface", "sface"}
 
     ann = run.measure(session, loaded_judges, targets["ann"], picture, "portrait")  # no held-out photo
-    assert ann["heldout_likeness"] is None and ann["judged_against"] == "photos given"
-    ann_photo = Image.open(people_folder / "ann.png").convert("RGB")
-    ann_judge = loaded_judges.face.embed(ann_photo, session.faces.detect(ann_photo))
-    assert ann["judge_likeness"] == pytest.approx(cos(loaded_judges.face.embed(picture, face), ann_judge), abs=1e-4)
+    assert ann["heldout_likeness"] is None and ann["auraface_heldout"] is None and ann["copy_paste"] is None
+    assert ann["auraface_given"] is not None and targets["ann"].ceiling == {}
 
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
     faceless = run.measure(session, loaded_judges, targets["bob"], noise, "portrait")
-    assert (faceless["heldout_likeness"], faceless["judge_likeness"]) == (None, None)
-    assert faceless["clip_score"] > 0
+    assert {name: value for name, value in faceless.items() if value is not None} == {"clip_score": faceless["clip_score"]}
+
+
+def test_the_held_out_photo_is_the_last_as_a_file_browser_sorts_them(tmp_path):
+    (tmp_path / "dan").mkdir()
+    for name in ("IMG_2.jpg", "IMG_10.jpg", "img_3.JPG"):
+        smoke.sample_face_image().save(tmp_path / "dan" / name, format="JPEG")
+    (dan,) = references.find_people(tmp_path)
+    assert [path.name for path in dan.references] == ["IMG_2.jpg", "img_3.JPG"] and dan.held_out.name == "IMG_10.jpg"
 
 
 def test_a_persons_photo_without_a_face_is_named_before_any_image_is_made(tmp_path, session, loaded_judges):
@@ -311,45 +382,89 @@ def test_a_persons_photo_without_a_face_is_named_before_any_image_is_made(tmp_pa
 # The summary
 
 
-def _line(key: str, likeness, judge, clip, seconds, heldout=None, status="done") -> dict:
+def _line(key: str, likeness, aura, clip, seconds, heldout=None, status="done") -> dict:
     return {"key": key, "status": status, "identity_similarity": [likeness], "heldout_likeness": heldout,
-            "judge_likeness": judge, "clip_score": clip, "seconds": seconds, "files": []}
+            "auraface_given": aura, "clip_score": clip, "seconds": seconds, "files": []}
 
 
-def test_the_summary_gives_mean_spread_faceless_count_and_paired_differences_by_hand():
+def _rows(settings=("a", "b"), seeds=(1, 2, 3)) -> list:
     rows = []
-    for setting in ("a", "b"):
-        for seed in (1, 2, 3):
-            row = batch.Row(len(rows) + 1, {}, {"person": "ann", "prompt": 1, "seed": seed, "configuration": setting},
-                            key=f"{setting}{seed}")
-            rows.append(row)
-    lines = [_line("a1", 0.5, 0.40, 20.0, 2.0), _line("a2", 0.6, 0.50, 22.0, 4.0), _line("a3", 0.7, None, 24.0, 3.0),
+    for setting in settings:
+        for seed in seeds:
+            rows.append(batch.Row(len(rows) + 1, {}, {"person": "ann", "prompt": 1, "seed": seed,
+                                                      "configuration": setting}, key=f"{setting}{seed}"))
+    return rows
+
+
+def test_the_summary_gives_mean_spread_n_faceless_count_and_paired_differences_by_hand():
+    lines = [_line("a1", 0.5, 0.40, 20.0, 2.0), _line("a2", 0.6, 0.50, 22.0, 4.0), _line("a3", 0.7, 0.6, 24.0, 3.0),
              _line("b1", 0.4, 0.30, 25.0, 1.0), _line("b2", 0.5, 0.45, 27.0, 1.0), _line("b3", None, None, 26.0, 1.0),
              _line("stale", 0.9, 0.9, 90.0, 9.0)]
-    summary = report.summarise(lines, rows, [("a", {}), ("b", {"speed": "lcm"})], judges.NAMES)
+    summary = report.summarise(lines, _rows(), [("a", {}), ("b", {"speed": "lcm"})], judges.NAMES, loads={"b": 7.5})
     first, second = summary.settings
-    assert (first.images, first.faceless, second.faceless) == (3, 1, 1)
+    assert (first.images, first.faceless, second.faceless) == (3, 0, 1)
     assert first.stats["likeness"].mean == pytest.approx(0.6) and first.stats["likeness"].sd == pytest.approx(0.1)
     ci = student_t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
     assert first.stats["likeness"].ci95 == pytest.approx(ci)
-    assert first.stats["judge_likeness"].n == 2 and first.seconds.mean == pytest.approx(3.0)
-    deltas = [0.30 - 0.40, 0.45 - 0.50]  # judge likeness pairs where both images have a face
-    judged = next(d for d in summary.differences if d.setting == "b" and d.metric == "judge_likeness")
+    assert second.stats["auraface_given"].n == 2 and first.seconds.mean == pytest.approx(3.0)
+    assert (first.load_seconds, second.load_seconds) == (None, 7.5)
+    deltas = [0.30 - 0.40, 0.45 - 0.50]  # AuraFace pairs where both images have a face
+    judged = summary.difference("b", "auraface_given")
     assert (judged.mean, judged.n) == (pytest.approx(statistics.fmean(deltas)), 2)
     assert judged.ci95 == pytest.approx(student_t.ppf(0.975, 1) * statistics.stdev(deltas) / math.sqrt(2))
-    clip = next(d for d in summary.differences if d.metric == "clip_score")
+    clip = summary.difference("b", "clip_score")
     assert (clip.mean, clip.n) == (pytest.approx(statistics.fmean([5.0, 5.0, 2.0])), 3)
     table = summary.table_markdown()
-    assert "| a | 3 | 1 | 0.600 ± 0.100 | — | 0.450 ± 0.071 | 22.0 ± 2.0 | 3.0 | — |" in table
-    assert "| b | -0.075 [" in table
+    assert "| a | 3 | 0 | 0 | 0.600 ± 0.100 (n 3) | — | — | 0.500 ± 0.100 (n 3) | — | — | — | 22.0 ± 2.0 (n 3) | 3.00 | — | — |" in table
+    assert "| b | -0.100 [" in table
+    # the same columns in the same order in both tables
+    headers = [line for line in table.splitlines() if line.startswith("| setting |")]
+    assert headers[0].split(" | ")[4:4 + len(report.METRICS)] == headers[1].rstrip(" |").split(" | ")[1:]
+    assert '- `b`: {"speed": "lcm"}' in table and "- `a`: the defaults" in table
+
+
+def test_a_row_that_failed_and_was_made_on_a_rerun_counts_as_made():
+    lines = [_line("a1", 0.5, 0.4, 20.0, 2.0, status="failed"), _line("a1", 0.5, 0.4, 20.0, 2.0)]
+    (summary,) = report.summarise(lines, _rows(("a",), (1,)), [("a", {})], judges.NAMES).settings
+    assert (summary.images, summary.failed) == (1, 0)
+    again = report.summarise(lines[::-1], _rows(("a",), (1,)), [("a", {})], judges.NAMES).settings[0]
+    assert (again.images, again.failed) == (0, 1)  # the later line is the one that counts
+
+
+def test_the_plot_shows_the_paired_differences_and_the_csv_holds_them():
+    lines = [_line(f"{setting}{seed}", 0.5, aura, clip, 1.0) for setting, seed, aura, clip in (
+        ("a", 1, 0.40, 20.0), ("a", 2, 0.50, 22.0), ("a", 3, 0.45, 21.0),
+        ("b", 1, 0.50, 20.5), ("b", 2, 0.62, 22.4), ("b", 3, 0.53, 21.6))]
+    summary = report.summarise(lines, _rows(), [("a", {}), ("b", {})], judges.NAMES)
+    assert summary.plot_likeness() == "auraface_given"
+    (x0, _, y0, _), (x, x_bar, y, y_bar) = summary.plot_points()
+    clip, aura = summary.difference("b", "clip_score"), summary.difference("b", "auraface_given")
+    assert (x0, y0) == (0.0, 0.0) and (x, x_bar, y, y_bar) == (clip.mean, clip.ci95, aura.mean, aura.ci95)
+    assert aura.clear  # +0.1 each time: the plot's bar leaves out 0 as the table's interval does
+    assert (x - x_bar > 0) == (clip.mean - clip.ci95 > 0)
+
+
+def test_the_contact_sheet_puts_each_caption_under_its_picture_and_explains_itself(tmp_path):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(small)
+    sheet = batch.draw_sheet([[(small, "ann p1 s42\nL 0.51 C 24.0")], [(small, "second row")]],
+                             footer=["L: ArcFace likeness to the photos given"])
+    pixels = np.asarray(sheet.convert("L"))
+    red_rows = np.nonzero((np.asarray(sheet)[:, 100, 0] == 200) & (np.asarray(sheet)[:, 100, 1] == 30))[0]
+    first_picture_end = red_rows[red_rows < batch.THUMB + batch.CAPTION].max()
+    caption_band = pixels[first_picture_end + 1:first_picture_end + 30, :120]
+    assert (caption_band < 100).any()  # text right under the picture (it was drawn 120 px lower, over the next one)
+    gap = pixels[first_picture_end + 32:batch.THUMB + batch.CAPTION, :]
+    assert (gap > 250).all()  # nothing between the caption and the next row
+    assert (pixels[-20:, :] < 150).any()  # the key at the bottom
 
 
 # ---------------------------------------------------------------------------------------------
 # The command
 
 
-def test_bench_smoke_writes_results_table_csv_plot_and_sheet_and_a_second_run_makes_nothing(people_folder, tmp_path,
-                                                                                           capsys):
+def test_bench_smoke_writes_results_tables_plot_sheet_and_best_settings_and_a_second_run_makes_nothing(
+        people_folder, tmp_path, capsys, monkeypatch):
     prompts_file = tmp_path / "two.txt"
     prompts_file.write_text("portrait of a person\na person on a beach\n")
     out = tmp_path / "out"
@@ -366,12 +481,19 @@ def test_bench_smoke_writes_results_table_csv_plot_and_sheet_and_a_second_run_ma
     assert [row["setting"] for row in table] == ["speed=quality", "speed=lightning-4"]
     for row in table:
         assert int(row["images"]) == 4 and float(row["clip_score_mean"]) > 0 and float(row["seconds_per_image"]) > 0
-        assert row["label"] == smoke.SMOKE_LABEL
+        assert row["label"] == smoke.SMOKE_LABEL and float(row["load_seconds"]) >= 0
         faceless = int(row["faceless"])  # smoke pictures are noise: likeness is empty where no face was found
-        assert int(row["judge_likeness_n"]) == 4 - faceless and (row["judge_likeness_mean"] == "") == (faceless == 4)
+        assert int(row["auraface_given_n"]) == 4 - faceless and (row["auraface_given_mean"] == "") == (faceless == 4)
+    assert table[1]["clip_score_diff_n"] == "4" and table[0]["clip_score_diff_n"] == "0"  # paired, in the CSV too
     markdown = (out / report.TABLE).read_text()
     assert smoke.SMOKE_LABEL in markdown and "| speed=lightning-4 | 4 |" in markdown
     assert "Held out (never given to the generator): bob: bob-3.png." in markdown
+    assert "| bob | AuraFace | " in markdown  # the same-person ceiling (calibration.json)
+    assert json.loads((out / run.CALIBRATION).read_text())["bob"]["held_out"] == "bob-3.png"
+    assert [json.loads(line)["configuration"] for line in (out / run.LOADS).read_text().splitlines()] == [
+        "speed=quality", "speed=lightning-4"]
+    best = sorted((out / report.BEST).glob("*.json"))
+    assert best and all(json.loads(path.read_text())["label"] == smoke.SMOKE_LABEL for path in best)
     assert Image.open(out / report.PLOT).size[0] > 300
     assert Image.open(out / report.SHEET).size[0] == 2 * batch.THUMB
     files = sorted(str(path.relative_to(out)) for path in out.glob("0*/*.png"))
@@ -379,6 +501,67 @@ def test_bench_smoke_writes_results_table_csv_plot_and_sheet_and_a_second_run_ma
 
     assert cli.main(argv) == 0
     assert "All 8 images are in" in capsys.readouterr().out and len(batch.results(out)) == 8
+
+    moved = tmp_path / "elsewhere" / "bench"  # the folder moved, and the command run from another folder
+    moved.parent.mkdir()
+    out.rename(moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main([*argv[:-1], "bench"]) == 0
+    assert "All 8 images are in" in capsys.readouterr().out
+    (moved / files[3]).unlink()  # a picture deleted by hand: made again, not a crash
+    assert cli.main([*argv[:-1], "bench"]) == 0
+    assert "1 made here, 7 already done" in capsys.readouterr().out and (moved / files[3]).is_file()
+
+
+def test_a_settings_file_from_bench_makes_generate_and_batch_reproduce_its_setting(people_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--smoke", "--faces", str(people_folder), "--grid", "speed=lightning-4; "
+                     "identitynet_strength=0.6", "--prompts", "protocol", "--out", str(out)]) == 0
+    (chosen,) = (out / report.BEST).glob("*.json")
+    assert json.loads(chosen.read_text())["settings"] == {"speed": "lightning-4", "identitynet_strength": "0.6"}
+    made = tmp_path / "ann.png"
+    assert cli.main(["generate", "--smoke", "--face", str(people_folder / "ann.png"), "--prompt", prompts.PROTOCOL.text,
+                     "--seed", "42", "--settings", str(chosen), "--out", str(made)]) == 0
+    stored = json.loads(Image.open(made).text["instantid"])
+    assert (stored["speed"]["name"], stored["identitynet_strength"], stored["steps"]) == ("lightning-4", 0.6, 4)
+    bench_picture = out / "01-speed_lightning-4_identitynet_strength_0.6" / "ann-p01-s42.png"
+    assert np.array_equal(np.asarray(Image.open(made)), np.asarray(Image.open(bench_picture)))
+    typed = tmp_path / "typed.png"  # what is typed wins over the file
+    assert cli.main(["generate", "--smoke", "--face", str(people_folder / "ann.png"), "--seed", "42",
+                     "--settings", str(chosen), "--identitynet-strength", "0.9", "--out", str(typed)]) == 0
+    assert json.loads(Image.open(typed).text["instantid"])["identitynet_strength"] == 0.9
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f'face,prompt,seed\n{people_folder / "ann.png"},"{prompts.PROTOCOL.text}",42\n')
+    assert cli.main(["batch", str(manifest), "--smoke", "--settings", str(chosen), "--out", str(tmp_path / "b")]) == 0
+    (line,) = batch.results(tmp_path / "b")
+    assert (line["settings"]["speed"]["name"], line["settings"]["identitynet_strength"]) == ("lightning-4", 0.6)
+    capsys.readouterr()
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"settings": {"cfg": 3}}')
+    assert cli.main(["generate", "--smoke", "--settings", str(wrong), "--out", str(tmp_path / "w.png")]) == 2
+    assert "'cfg' is not a setting this command takes from a file" in capsys.readouterr().err
+
+
+def test_a_settings_load_is_timed_apart_from_the_images_seconds(people_folder, tmp_path, monkeypatch):
+    """A setting's first use loads its LoRA (here: a second's sleep on the first picture of each speed mode): that
+    second goes to its load time, not to an image's seconds."""
+    from instantid_colab import pipeline
+
+    generate, loaded = pipeline.generate, set()
+
+    def loading(session, *args, **kwargs):
+        if kwargs.get("speed") not in loaded:
+            loaded.add(kwargs.get("speed"))
+            time.sleep(1.0)
+        return generate(session, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "generate", loading)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--smoke", "--faces", str(people_folder), "--grid", "speed=quality,lightning-4",
+                     "--prompts", "protocol", "--out", str(out)]) == 0
+    assert max(line["seconds"] for line in batch.results(out)) < 1.0
+    loads = {json.loads(line)["configuration"]: json.loads(line)["seconds"] for line in (out / run.LOADS).read_text().splitlines()}
+    assert min(loads.values()) >= 1.0
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -370,7 +370,7 @@ def test_03_generate_runs_in_smoke_mode(workdir: Path, monkeypatch: pytest.Monke
     assert any(f'src="{answered.group(1)}"' in frame for frame in frames)  # DISPLAY "in this notebook", outside Colab
     assert "Extras: pose, LoRA smoke (smoke: sample pose photo, tiny LoRA)" in output
     assert f"[{SMOKE_LABEL}] 2 rows: 2 made here, 0 already done, 0 failed" in output
-    assert sheet.size == (4 * 256, 24 + 256 + 20)  # the batch's contact sheet: label strip, one row of tiles
+    assert sheet.size == (4 * 256, 24 + 256 + 36)  # the batch's contact sheet: label strip, one row of tiles, captions
     lines = (workdir / "outputs" / "batch" / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["seed"] for line in lines] == [1, 2]
 

@@ -116,3 +116,12 @@ def test_cli_speed_and_interval_in_smoke_mode(tmp_path, capsys):
     metadata = json.loads(Image.open(tmp_path / "y.png").text["instantid"])
     assert metadata["guidance_interval"] == [0.2, 0.8] and metadata["unconditional_steps"] == 3
     assert np.asarray(Image.open(tmp_path / "y.png")).shape == (128, 128, 3)
+
+
+def test_switching_speed_modes_says_nothing_that_looks_like_a_failure(smoke_session, face, diffusers_said, recwarn):
+    """peft's "Already found a `peft_config`" on every LoRA beside another, and DMD2's card schedule "not on the
+    original training/distillation timestep schedule" twice per picture: both expected, both answered, both gone."""
+    for name in ("lightning-4", "dmd2-4", "lightning-4", "dmd2-4"):
+        pipeline.generate(smoke_session, face, seed=1, speed=name, **SIZE)
+    assert not [w for w in recwarn.list if "Already found a `peft_config`" in str(w.message)]
+    assert not [message for message in diffusers_said if message.startswith("The custom timestep schedule contains")]

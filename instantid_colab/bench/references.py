@@ -1,6 +1,7 @@
 """The people of an identity benchmark: a folder holding one photo per person, or one folder per person.
 
-With two or more photos of a person, the last in name order is held out: it is never given to the generator,
+With two or more photos of a person, the last in name order (as a file browser sorts them: IMG_2 before IMG_10)
+is held out: it is never given to the generator,
 and likeness is measured against it too. Scoring only against the photo the picture was made from rewards
 copying that photo; a held-out photo of the same person is the honest test (PuLID and UniPortrait measure
 against other photos of the person for that reason).
@@ -29,9 +30,16 @@ class BenchPerson:
         return f"{self.name}: given {given}; {held}"
 
 
+def natural_order(path: Path) -> tuple:
+    """A name's sort key as file browsers sort: digit runs by their number, letters regardless of case."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part.casefold())
+                 for part in re.split(r"(\d+)", path.name))
+
+
 def _photos(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir()
-                  if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith("."))
+    return sorted((path for path in folder.iterdir()
+                   if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith(".")),
+                  key=natural_order)
 
 
 def slug(name: str) -> str:
@@ -48,7 +56,7 @@ def find_people(folder: str | Path) -> list[BenchPerson]:
         raise ValueError(f"--faces {folder}: {what}; give a folder with one photo per person, or one folder of "
                          "photos per person")
     people, empty = [], []
-    for entry in sorted(folder.iterdir()):
+    for entry in sorted(folder.iterdir(), key=natural_order):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():

@@ -2,18 +2,22 @@
 
 `plan` checks everything a person gave (the faces folder, the prompts, every setting of the grid, the seeds) and
 turns people x prompts x settings x seeds into batch rows before any model loads. `run` loads the judges, reads
-each person's references once, and makes the rows through `batch.run` (one loaded pipeline, resumable through
-`results.jsonl`, rows shared between processes), measuring each image as it is made; then it writes the table,
-the plot and the contact sheet from everything in `results.jsonl` that belongs to this plan.
+each person's references once (and their same-person ceiling: how alike their own photos are), and makes the rows
+through `batch.run` (one loaded pipeline, resumable through `results.jsonl`, rows shared between processes),
+measuring each image as it is made; then it writes the table, the plot, the contact sheet and the settings files
+of the best settings from everything in `results.jsonl` that belongs to this plan.
 
-Rows go seed by seed, and within a seed setting by setting: a speed mode's LoRA (0.4 to 0.8 GB) is loaded once
-per setting and seed, not once per image, and a run stopped early holds whole seeds of every setting it reached.
+Rows go setting by setting: a setting's identity method, speed LoRA and ControlNets load once per run, on a small
+picture made before its first row and timed apart (`loads.jsonl`), so seconds per image are the images' own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ import numpy as np
 
 from instantid_colab import batch
 from instantid_colab.bench.grid import Configuration, parse_grid
-from instantid_colab.bench.judges import NAMES, Judges, cosine, load_judges
+from instantid_colab.bench.judges import NAMES, Judges, copy_paste, cosine, load_judges
 from instantid_colab.bench.prompts import Prompt, load_prompts
 from instantid_colab.bench.references import BenchPerson, find_people, slug
 from instantid_colab.bench.report import BenchSummary, summarise
@@ -32,6 +36,8 @@ from instantid_colab.settings import SettingsError, check_arguments
 from instantid_colab.smoke import write_sample_people
 
 SMOKE_PEOPLE = "smoke-faces"  # under --out: the two drawn people of `bench --smoke` without --faces
+LOADS = "loads.jsonl"  # under --out: each setting's load time, one line per load
+CALIBRATION = "calibration.json"  # under --out: each person's held-out photo and same-person ceiling
 FIRST_SEED = 42  # the official demo's seed; seed i is FIRST_SEED + i for every setting, so images pair up
 
 
@@ -68,8 +74,8 @@ def plan(faces: str | Path, prompts: str = "builtin", grid: str | None = None, s
             opened(str(person.held_out), "held-out photo")
     _check(configurations, people[0], smoke, opened)
     rows = []
-    for seed in range(FIRST_SEED, FIRST_SEED + seeds):
-        for number, configuration in enumerate(configurations, 1):
+    for number, configuration in enumerate(configurations, 1):
+        for seed in range(FIRST_SEED, FIRST_SEED + seeds):
             for index, prompt in enumerate(prompt_set, 1):
                 for person in people:
                     row = batch.prepare_row(len(rows) + 1, _raw(person, prompt.text, seed, configuration), Path("."),
@@ -114,53 +120,71 @@ def _check(configurations: list[Configuration], person: BenchPerson, smoke: bool
         raise SettingsError(problems)
 
 
+RECOGNISERS = {"arcface": "ArcFace (antelopev2)", "auraface": "AuraFace", "sface": "SFace"}
+
+
 @dataclass
 class Reference:
-    """What a person's images are scored against besides the photos given: the held-out photo's ArcFace
-    embedding (None without one), and the judge's target, the held-out photo's SFace embedding or, without one,
-    those of the photos given."""
+    """What a person's pictures are scored against, per recogniser (RECOGNISERS): the embeddings of the photos
+    given, and of the held-out photo (None without one); and the same-person ceiling, how alike the person's own
+    photos are (each photo given against the held-out one, averaged; empty without a held-out photo)."""
 
-    held_out: np.ndarray | None
-    judge_target: np.ndarray
-    judged_against: str  # "held-out photo" or "photos given"
+    given: dict[str, np.ndarray]
+    held_out: dict[str, np.ndarray] | None
+    ceiling: dict[str, float]
 
 
 def references(session, judges: Judges, people: list[BenchPerson]) -> dict[str, Reference]:
     """Each person's reference embeddings, from their photos' faces; NoFaceError names the person and photo."""
     found = {}
     for person in people:
-        photos = (*person.references, *([person.held_out] if person.held_out else []))
-        judged = {}
-        for path in photos:
+        embedded = {}
+        for path in (*person.references, *([person.held_out] if person.held_out else [])):
             image = open_image(path, "face photo")
             try:
                 face = session.faces.detect(image)
             except NoFaceError as error:
                 raise NoFaceError(f"person {person.name}, photo {path}: {error}") from None
-            judged[path] = (face, judges.face.embed(image, face))
-        if person.held_out:
-            face, embedding = judged[person.held_out]
-            found[person.name] = Reference(face.embedding, embedding, "held-out photo")
-        else:
-            found[person.name] = Reference(None, np.stack([judged[path][1] for path in person.references]),
-                                           "photos given")
+            embedded[path] = _embeddings(judges, image, face)
+        given = {name: np.stack([embedded[path][name] for path in person.references]) for name in RECOGNISERS}
+        held_out = embedded[person.held_out] if person.held_out else None
+        ceiling = {} if held_out is None else {
+            name: round(float(np.mean([cosine(embedded[path][name], held_out[name]) for path in person.references])), 4)
+            for name in RECOGNISERS}
+        found[person.name] = Reference(given, held_out, ceiling)
     return found
 
 
+def _embeddings(judges: Judges, image, face) -> dict[str, np.ndarray]:
+    return {"arcface": np.asarray(face.embedding), **{name: judge.embed(image, face)
+                                                      for name, judge in judges.faces().items()}}
+
+
 def measure(session, judges: Judges, reference: Reference, image, prompt: str) -> dict[str, Any]:
-    """One picture's figures beside the ArcFace likeness `generate` gives: ArcFace likeness to the held-out
-    photo, the judge's likeness, the CLIP score against the prompt (None where no face is found)."""
+    """One picture's figures beside the ArcFace likeness `generate` gives (to the photos given): ArcFace's to the
+    held-out photo, each judge's to the photos given and to the held-out photo, the copy-paste measure (AuraFace),
+    the CLIP score against the prompt. A likeness is None where no face is found or there is nothing to compare."""
     try:
         face = session.faces.detect(image, retries=False)
     except NoFaceError:
         face = None
-    return {
-        "heldout_likeness": None if face is None or reference.held_out is None else
-        likeness_of(reference.held_out, face).similarity,
-        "judge_likeness": None if face is None else cosine(judges.face.embed(image, face), reference.judge_target),
-        "judged_against": reference.judged_against,
-        "clip_score": judges.clip.score(image, prompt),
-    }
+    seen = None if face is None else _embeddings(judges, image, face)
+    held = reference.held_out if seen is not None else None
+    figures: dict[str, Any] = {"heldout_likeness": None if held is None else
+                               likeness_of(held["arcface"], face).similarity}  # as `generate` scores the photos given
+    for name in judges.faces():
+        figures[f"{name}_given"] = None if seen is None else cosine(seen[name], reference.given[name])
+        figures[f"{name}_heldout"] = None if held is None else cosine(seen[name], held[name])
+    figures["copy_paste"] = None if held is None else copy_paste(seen["auraface"], reference.given["auraface"],
+                                                                  held["auraface"])
+    figures["clip_score"] = judges.clip.score(image, prompt)
+    return figures
+
+
+def calibration(bench: BenchPlan, targets: dict[str, Reference]) -> dict[str, dict[str, Any]]:
+    """Per person with a held-out photo: which photo, and the same-person ceiling per recogniser."""
+    return {person.name: {"held_out": person.held_out.name, "ceiling": targets[person.name].ceiling}
+            for person in bench.people if person.held_out}
 
 
 def remaining(bench: BenchPlan, out: str | Path) -> int:
@@ -173,13 +197,31 @@ def run(session, bench: BenchPlan, out: str | Path, process: int = 0, processes:
     """Make what `out/results.jsonl` lacks, scoring each image as it is made, then `report`."""
     judges = load_judges(session.weights, session.device, session.plan.placement == "gpu")
     targets = references(session, judges, bench.people)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CALIBRATION).write_text(json.dumps(calibration(bench, targets), indent=1) + "\n", encoding="utf-8")
+    loaded: set[str] = set()
 
     def scored(row: batch.Row, result) -> dict[str, Any]:
         return measure(session, judges, targets[row.record["person"]], result.images[0],
                        result.settings["user_prompt"])
 
+    def first_of_its_setting(row: batch.Row) -> None:
+        """Before a setting's first row here: load what it needs (identity method, LoRAs, ControlNets) on a
+        one-step 64 px picture, and record how long that took apart from the images' seconds."""
+        name = row.record["configuration"]
+        if name in loaded:
+            return
+        loaded.add(name)
+        started = time.perf_counter()
+        with contextlib.suppress(ValueError, MemoryError):  # the row itself fails with the reason, and says it
+            batch.warm_up(session, row)
+        with batch.Claims(out).locked(), open(out / LOADS, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"configuration": name, "seconds": round(time.perf_counter() - started, 2),
+                                     "process": process}) + "\n")
+
     made = batch.run(session, bench.rows, out, process=process, processes=processes, progress=progress,
-                     measure=scored, desc="bench", sheet=False)
+                     measure=scored, desc="bench", sheet=False, before_row=first_of_its_setting)
     return (made, *report(bench, out, session.label))
 
 
@@ -190,5 +232,27 @@ def report(bench: BenchPlan, out: str | Path, label: str | None = None) -> tuple
     with batch.Claims(out).locked():
         lines = batch.results(out)
         summary = summarise(lines, bench.rows, [(c.name, c.values) for c in bench.configurations], NAMES, label,
-                            bench.held_out())
+                            bench.held_out(), loads=_loads(out), calibration=_calibration(out))
         return summary, summary.write(out, lines, bench.rows)
+
+
+def _loads(out: Path) -> dict[str, float]:
+    """Each setting's latest load time (`loads.jsonl`)."""
+    found = {}
+    path = out / LOADS
+    for text in path.read_text(encoding="utf-8").splitlines() if path.is_file() else ():
+        with contextlib.suppress(json.JSONDecodeError, AttributeError, KeyError, TypeError):
+            record = json.loads(text)
+            found[record["configuration"]] = float(record["seconds"])
+    return found
+
+
+def _calibration(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / CALIBRATION
+    if not path.is_file():
+        return {}
+    with contextlib.suppress(json.JSONDecodeError):
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(found, dict):
+            return found
+    return {}

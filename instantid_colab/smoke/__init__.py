@@ -13,7 +13,7 @@ from pathlib import Path
 
 from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root, model_folder
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 7  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 8  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -96,10 +96,16 @@ def write_smoke_controls(root: Path, unet) -> None:
 
 
 def write_smoke_judges(weights: WeightPaths) -> None:
-    """Tiny SFace and CLIP models where `weights.ensure_judge` looks (the identity benchmark's judges)."""
-    from instantid_colab.bench.judges import CLIP_REPO, SFACE_FILE, SFACE_REPO
+    """Tiny AuraFace, SFace and CLIP models where `weights.ensure_judge` looks (the identity benchmark's judges)."""
+    import onnx
+
+    from instantid_colab.bench.judges import AURAFACE_FILE, AURAFACE_REPO, CLIP_REPO, SFACE_FILE, SFACE_REPO
+    from instantid_colab.smoke.faces import recogniser_model
     from instantid_colab.smoke.judges import write_clip, write_sface
 
+    auraface = model_folder(weights, "judges", AURAFACE_REPO) / AURAFACE_FILE
+    auraface.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(recogniser_model(seed=6), str(auraface))  # ArcFace's signature, as AuraFace's glintr100
     write_sface(model_folder(weights, "judges", SFACE_REPO) / SFACE_FILE)
     write_clip(model_folder(weights, "judges", CLIP_REPO))
 

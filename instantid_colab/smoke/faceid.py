@@ -43,7 +43,7 @@ def write_faceid(root: Path, unet, vision: dict = TINY_VISION, rank: int = 4, dt
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from instantid_colab.smoke.diffusion import randomise
-    from instantid_colab.smoke.faces import _recogniser
+    from instantid_colab.smoke.faces import recogniser_model
 
     folder = root / "identity"
     adapter = folder / ADAPTER_REPO.replace("/", "--") / ADAPTER_FILE
@@ -53,4 +53,4 @@ def write_faceid(root: Path, unet, vision: dict = TINY_VISION, rank: int = 4, dt
     encoder.save_pretrained(folder / IMAGE_ENCODER_REPO.replace("/", "--") / IMAGE_ENCODER_DIR)
     recogniser = folder / RECOGNISER_REPO.replace("/", "--") / RECOGNISER_FILE
     recogniser.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(_recogniser(seed=5), str(recogniser))
+    onnx.save(recogniser_model(seed=5), str(recogniser))

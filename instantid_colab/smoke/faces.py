@@ -99,7 +99,7 @@ def _detector() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
-def _recogniser(seed: int = 0) -> onnx.ModelProto:
+def recogniser_model(seed: int = 0) -> onnx.ModelProto:
     projection = np.random.default_rng(seed).standard_normal((3 * 8 * 8, 512)).astype(np.float32) * 0.15
     nodes = [
         helper.make_node("AveragePool", ["data"], ["pooled"], kernel_shape=[14, 14], strides=[14, 14], name="pool"),
@@ -120,7 +120,7 @@ def write_smoke_face_models(root: Path, name: str = "antelopev2") -> Path:
     """Write the two tiny models into `root/models/<name>/` (insightface's layout); return that folder."""
     folder = Path(root) / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
-    for filename, model in ((DETECTOR_FILE, _detector()), (RECOGNISER_FILE, _recogniser())):
+    for filename, model in ((DETECTOR_FILE, _detector()), (RECOGNISER_FILE, recogniser_model())):
         onnx.checker.check_model(model)
         onnx.save(model, str(folder / filename))
     return folder
