@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -132,6 +133,33 @@ def check_image_file(path: str | Path, what: str, max_side: int | None = images.
         return images.open_image(path, what, max_side)
     except images.ImageInputError as error:
         raise InputError(str(error).replace(str(Path(path)), Path(path).name)) from None
+
+
+def _uploads_refused_in_our_words(blocks: gr.Blocks) -> None:
+    """An upload that is not a picture, given to any picture field (the page or the API), is refused with our
+    sentence (`check_image_file`'s) instead of gradio's "Could not preprocess input component at index 0"."""
+    for block in list(blocks.blocks.values()):
+        if isinstance(block, gr.Image) and block.type == "filepath":
+            what = re.split(r"[(:]", block.label or "picture", maxsplit=1)[0].strip().lower()
+            block.preprocess = _refusing(block.preprocess, what)
+
+
+def _refusing(preprocess: Callable, what: str) -> Callable:
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception as error:  # gradio's own reading of the upload failed: say why in our words
+            path = getattr(payload, "path", None)
+            if path:
+                try:
+                    check_image_file(path, what)
+                except InputError as refused:
+                    raise gr.Error(str(refused)) from None
+            raise gr.Error(f"{what}: the upload cannot be read as a picture ({type(error).__name__}); "
+                           f"{images.FORMATS_HINT}.") from None
+    return checked
 
 
 def render_settings(seed: int, settings: dict[str, Any], seconds: float, label: str | None) -> str:
@@ -293,6 +321,8 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
         """A generator: its place in line while it waits, TAESDXL previews (live_preview), then the results."""
         unchanged = (gr.update(),) * 4
         try:
+            said = [f"The order {order.strip()!r} was not used: it places the people under People, and there are "
+                    "none."] if (order or "").strip() and not any((person_1, person_2, person_3, person_4)) else []
             cast, order = page_people([person_1, person_2, person_3, person_4], order, bool(pose_path))
             if not face_path and not cast:
                 raise InputError("upload a face photo first (a clear, front-facing photo works best), or photos of "
@@ -308,7 +338,8 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
             seed = random.randint(0, MAX_SEED) if randomize_seed else seed
             preset = speed.preset(speed_mode)
             settings.check({"identity": identity, "s_scale": s_scale, "pose_image": pose, "init_image": init,
-                            "several_people": bool(cast), "refine_face": refine_on, "combine": combine})
+                            "several_people": bool(cast), "refine_face": refine_strength if refine_on else None,
+                            "combine": combine, "steps": steps})
             turn = line.join(browser or secrets.token_hex(8))
         except Busy as error:
             raise gr.Error(str(error)) from None
@@ -340,6 +371,7 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
             if unused:
                 made.notices.append(f"The {' and the '.join(unused)} above {'was' if len(unused) == 1 else 'were'} "
                                     "not used: the picture is of the people under People, each from their own photo.")
+            made.notices += said
             return made
 
         try:
@@ -750,6 +782,7 @@ def build_app(session: pipeline.InstantIDSession, line: GpuLine | None = None) -
         with gr.Tab("Face swap", elem_id="swap-tab"):
             _swap_tab(session, line)
         _wire(app, session, line, inputs, buttons, outputs)
+        _uploads_refused_in_our_words(app)
     return app
 
 def _own_cache() -> Path | None:

@@ -100,7 +100,8 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     return [{key.strip(): value for key, value in row.items() if value not in ("", None)} for row in rows]
 
 
-def _items(value) -> list[str]:
+def items(value) -> list[str]:
+    """A list column's values: a JSON list, or `;`-separated text."""
     if value is None or value == "":
         return []
     if isinstance(value, list):
@@ -114,6 +115,8 @@ def _as_in_a_csv(raw: dict[str, Any]) -> dict[str, Any]:
     true/false columns. SettingsError names every value of another type (a number where a pair is expected)."""
     values, problems = {}, []
     for column, value in raw.items():
+        if value is None:  # JSON null, what pandas writes for an empty cell: not given, as an empty CSV cell
+            continue
         several = column in LISTS or column == "guidance_interval"
         plain_items = isinstance(value, list) and all(
             isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value)
@@ -153,6 +156,11 @@ def prepare_rows(manifest: str | Path, smoke: bool = False, speed: str | None = 
             rows.append(prepare_row(number, {**fallback, **raw}, base, smoke))
         except (ValueError, FileNotFoundError) as error:  # SettingsError, ImageInputError, ...
             problems.append(f"row {number}: {error}")
+    names: dict[str, list[int]] = {}
+    for row in rows:
+        names.setdefault(row.name, []).append(row.number)
+    problems += [f"rows {', '.join(map(str, numbers))} are all named {name!r}: their pictures would replace each other; "
+                 "name each row once" for name, numbers in names.items() if len(numbers) > 1]
     if problems:
         raise ManifestError(f"{manifest}: {len(problems)} of the rows cannot run; nothing was made:\n"
                             + "\n".join(f"  - {problem}" for problem in problems))
@@ -175,7 +183,7 @@ def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
     if "people" in raw:  # several people: `A.jpg+A2.jpg;B.jpg`, optional person_masks and order
         if "face" in raw or "extra_faces" in raw:
             raise settings.SettingsError(["give face (one person) or people (2 to 4), not both"])
-        values["people"], values["order"] = people.from_text(_items(raw["people"]), _items(raw.get("person_masks")),
+        values["people"], values["order"] = people.from_text(items(raw["people"]), items(raw.get("person_masks")),
                                                              values.pop("order", None), base, "pose" in raw)
         values["face_image"] = None
     elif "person_masks" in raw or "order" in raw:
@@ -193,17 +201,17 @@ def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
 
         values["face_image"] = sample_face_image()
     values["extra_face_images"] = [open_picture(_relative(base, p), "extra face photo")
-                                   for p in _items(raw.get("extra_faces"))]
+                                   for p in items(raw.get("extra_faces"))]
     for column, keyword, what in (("pose", "pose_image", "pose image"), ("init_image", "init_image", "start photo")):
         if column in raw:
             values[keyword] = open_picture(_relative(base, raw[column]), what)
-    given = [controls.parse_control(text) for text in _items(raw.get("controls"))]
-    given += [controls.parse_control(text, is_map=True) for text in _items(raw.get("control_maps"))]
+    given = [controls.parse_control(text) for text in items(raw.get("controls"))]
+    given += [controls.parse_control(text, is_map=True) for text in items(raw.get("control_maps"))]
     given = [controls.Control(c.kind, _relative(base, str(c.image)), c.strength, c.start, c.end, c.is_map) for c in given]
     checked = controls.check_controls(given)
     values["controls"] = [controls.Control(c.kind, controls.source_image(c), c.strength, c.start, c.end, c.is_map)
                           for c in checked]
-    values["loras"] = loras.check_loras([loras.parse_lora(text) for text in _items(raw.get("loras"))])
+    values["loras"] = loras.check_loras([loras.parse_lora(text) for text in items(raw.get("loras"))])
     name = values.pop("name", None)
     for keyword in ("face_image", "pose_image", "init_image"):
         if values.get(keyword) is not None:
@@ -228,7 +236,8 @@ def prepare_row(number: int, raw: dict[str, Any], base: Path, smoke: bool,
     for picture in ("init_image", "pose_image", "several_people"):
         del checked_plain[picture]
     values.update(checked_plain)
-    key = _digest({**checked_plain, **digests})
+    ignored = settings.unused(checked_plain)  # not read: rows that differ only there make the same picture
+    key = _digest({**{k: v for k, v in checked_plain.items() if k not in ignored}, **digests})
     return Row(number, values, {key: value for key, value in raw.items()}, key, name or f"{number:04d}-{key[:8]}")
 
 
@@ -390,6 +399,9 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
     out.mkdir(parents=True, exist_ok=True)
     claims = Claims(out)
     device = str(session.device)
+    ours = {row.key for row in rows}
+    taken = {file for key, line in latest(results(out)).items() if key not in ours and line.get("status") == "done"
+             for file in line.get("files") or ()}  # another manifest's pictures in this folder: kept
     already = len({row.key for row in rows} & done_keys(out))
     todo = len(rows) - already
     bar = tqdm(total=-(-todo // processes), desc=f"{desc} (GPU {process})" if processes > 1 else desc,
@@ -428,7 +440,7 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
                 line.update(measure(row, result))
             if writing is not None:
                 writing.result()  # at most one row waits to be written
-            writing = writer.submit(_write, claims, row, line, result.images, out)
+            writing = writer.submit(_write, claims, row, line, result.images, out, taken)
             made += 1
             bar.update()
             if on_row is not None:
@@ -462,12 +474,18 @@ class _PeakVram:
         return {"peak_vram_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
 
 
-def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Path) -> None:
-    """The row's PNGs, then its results line (a row is done only once its pictures are on disk)."""
+def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Path, taken: set[str]) -> None:
+    """The row's PNGs, then its results line (a row is done only once its pictures are on disk). A name that another
+    row's picture already has in this folder (an earlier manifest's) gets the row's key: that picture stays."""
     from instantid_colab.png_metadata import save_png
 
-    line["files"] = [str(save_png(image, out / f"{row.name}{f'-{index}' if len(images) > 1 else ''}.png").relative_to(out))
-                     for index, image in enumerate(images)]  # relative to `out`: the folder may move
+    files = []
+    for index, image in enumerate(images):
+        name = f"{row.name}{f'-{index}' if len(images) > 1 else ''}"
+        if f"{name}.png" in taken:
+            name = f"{name}-{row.key[:8]}"
+        files.append(str(save_png(image, out / f"{name}.png").relative_to(out)))  # relative to `out`: it may move
+    line["files"] = files
     claims.finish(row, line)
 
 

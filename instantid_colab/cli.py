@@ -350,13 +350,32 @@ def _failed_rows(report) -> int:
 
 
 def _out_folder(out: str) -> None:
-    """A folder for a run's results: SettingsError when `out` names an existing file."""
+    """A folder for a run's results, checked before anything loads (nothing is made here): SettingsError when `out`
+    names a file, lies under a file, or under a folder this user cannot write in."""
     from pathlib import Path
 
     from instantid_colab.settings import SettingsError
 
-    if Path(out).expanduser().is_file():
+    path = Path(out).expanduser()
+    if path.is_file():
         raise SettingsError([f"--out {out} is a file; give a folder (it is made when missing)"])
+    existing = next(parent for parent in (path, *path.absolute().parents) if parent.exists())
+    if not existing.is_dir():
+        raise SettingsError([f"--out {out}: {existing} is a file, not a folder; give a folder path"])
+    if not os.access(existing, os.W_OK | os.X_OK) or not _writable(existing):
+        raise SettingsError([f"--out {out}: cannot make or write folders in {existing} (no permission, or a "
+                             "read-only place); give a folder you can write in"])
+
+
+def _writable(folder) -> bool:
+    """Whether a folder can really be made in `folder` (os.access says yes for root, and for /proc)."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory(dir=folder).cleanup()
+    except OSError:
+        return False
+    return True
 
 
 def _this_process() -> tuple[int, int]:

@@ -241,7 +241,8 @@ def generate(session: InstantIDSession, face: Image.Image | None, prompt: str, r
     from instantid_colab import pipeline, refine
     from instantid_colab.settings import check as check_settings
 
-    check_settings({"identity": settings.get("identity"), "refine_face": refine_face})  # before the image, not after
+    check_settings({"identity": settings.get("identity"), "refine_face": refine_face,
+                    "steps": settings.get("steps")})  # before the image, not after
     if live_preview:
         from IPython.display import display
 

@@ -27,7 +27,7 @@ from instantid_colab.components import load as load_component, parameter_device,
 from instantid_colab.images import open_image
 from instantid_colab.png_metadata import attach_metadata
 from instantid_colab.schedulers import SCHEDULERS
-from instantid_colab.settings import IDENTITIES, MULTIPLE, SettingsError, check as check_settings, check_arguments
+from instantid_colab.settings import IDENTITIES, MULTIPLE, SettingsError, check as check_settings, check_arguments, unused
 from instantid_colab.identity import (
     FaceRegion, IdentityNet, embedding_pair, execution_device, face_conditioning, face_tokens, per_image,
     use_face_region_processors,
@@ -525,6 +525,7 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     })
     controls, loras = check_controls(controls), check_loras(loras)
     interval, notices = speed_module.usable_interval(interval, checked["guidance_scale"], resolved["speed"])
+    notices += _unused_notices(checked, identity)
     if (face_image is None) == (not people):
         raise SettingsError(["give a face photo, or people (each with their photos), not both"])
     people = check_people(people, list(order) if order is not None else None, pose_image is not None) if people else []
@@ -595,6 +596,15 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     result.attach_metadata()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _unused_notices(checked: dict, identity: str) -> list[str]:
+    """A setting given another value than its default where the method does not read it: said, not dropped."""
+    import inspect
+
+    defaults = inspect.signature(generate).parameters
+    return [f"{name} {checked[name]} was not used: {why}." for name, why in unused({**checked, "identity": identity}).items()
+            if name in defaults and checked[name] != defaults[name].default]
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,

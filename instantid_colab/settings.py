@@ -96,6 +96,23 @@ def identity_problems(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+# What each identity method does not read: the picture is the same whatever they are. A value given for one is said to
+# be unused, and two settings that differ only there make the same pictures (one row key, one picture).
+UNUSED_BY = {"instantid": ("s_scale",), "faceid-plusv2": ("identitynet_strength", "enhance_non_face"),
+             "pulid": ("identitynet_strength", "enhance_non_face", "s_scale", "combine")}
+
+
+def unused(values: Mapping[str, Any]) -> dict[str, str]:
+    """The settings in `values` (checked, a speed mode's applied) that this run does not read, each with why: the
+    method's (UNUSED_BY), and a guidance interval where the guidance is 1 or less (no guidance to limit)."""
+    identity = values.get("identity") or IDENTITIES[0]
+    found = {name: f"identity {identity} does not use it" for name in UNUSED_BY.get(identity, ()) if name in values}
+    guidance = values.get("guidance_scale")
+    if values.get("guidance_interval") is not None and isinstance(guidance, (int, float)) and guidance <= 1:
+        found["guidance_interval"] = f"guidance {guidance} runs no classifier-free guidance to limit"
+    return found
+
+
 def refine_needs_instantid(identity: str) -> str:
     return (f"refine_face repaints faces through InstantID's IdentityNet: it is not available with identity {identity} "
             "(use identity instantid, or leave refine_face off)")
@@ -160,15 +177,21 @@ def refine_strength(value: Any) -> float | None:
 
 def size_problems(width: Any, height: Any) -> list[str]:
     """Why an explicit output size cannot be made (empty when it can)."""
+    return _size(width, height)[1]
+
+
+def _size(width: Any, height: Any) -> tuple[tuple[int, int] | None, list[str]]:
+    """((width, height) as whole numbers, []) for a size that can be made (a manifest writes them as text), else
+    (None, why not)."""
     side = Bounds(MULTIPLE, MAX_SIDE, True)
-    problems = [problem for name, value in (("width", width), ("height", height))
-                if (problem := number(name, value, side)[1])]
+    (width, width_problem), (height, height_problem) = number("width", width, side), number("height", height, side)
+    problems = [problem for problem in (width_problem, height_problem) if problem]
     if problems:
-        return problems
+        return None, problems
     if width % MULTIPLE or height % MULTIPLE:
         presets = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS.values())
-        return [f"size {width}x{height}: width and height must be multiples of {MULTIPLE} (e.g. {presets})"]
-    return []
+        return None, [f"size {width}x{height}: width and height must be multiples of {MULTIPLE} (e.g. {presets})"]
+    return (width, height), []
 
 
 def check_arguments(**arguments: tuple[Any, str]) -> list[Any]:
@@ -218,14 +241,23 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     if (width is None) != (height is None):
         problems.append("give both width and height, or neither (then the official size rule follows the photo)")
     elif width is not None:
-        problems += size_problems(width, height)
+        size, size_problems_found = _size(width, height)
+        problems += size_problems_found
+        if size:
+            checked["width"], checked["height"] = size
     if values.get("identity") not in (None, IDENTITIES[0]):
         problems += identity_problems({**values, **checked})  # numbers as numbers (a manifest gives text)
     if values.get("init_image") is not None and not problems:
-        steps, strength = checked.get("steps", 30), checked.get("init_strength", 0.8)
+        steps, strength = checked.get("steps") or 30, checked.get("init_strength", 0.8)
         if int(steps * strength) < 1:
             problems.append(f"init_strength {strength} x steps {steps} repaints less than one step: "
                             "raise the strength or the steps")
+    refine = values.get("refine_face")
+    if isinstance(refine, (int, float)) and not isinstance(refine, bool) and refine > 0 and not problems:
+        steps = checked.get("steps") or 30
+        if int(steps * refine) < 1:  # else the picture would be made, then its refine pass refused
+            problems.append(f"refine_face {refine} x steps {steps} repaints less than one step of the refine pass: "
+                            f"raise the refine strength to at least {1 / steps:.2f} or the steps")
     if problems:
         raise SettingsError(problems)
     return checked

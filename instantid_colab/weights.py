@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from instantid_colab.pickles import refused_object
 from instantid_colab.settings import SettingsError
 
 INSTANTID_REPO = "InstantX/InstantID"
@@ -116,13 +117,20 @@ WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".bin", ".json", ".txt", ".pt", ".pt
 
 @contextlib.contextmanager
 def reading(what: str, *places: str | Path) -> Iterator[None]:
-    """Load `what` from these files or folders; a failure caused by a damaged file among them becomes
-    DamagedWeightsError naming that file and how to fetch it again. Other failures pass unchanged, and
-    nothing is checked when loading works (the check reads files only after a failure)."""
+    """Load `what` from these files or folders; a failure caused by a damaged file among them, or by a pickle that
+    holds code (weights_only refused it), becomes DamagedWeightsError naming that file and how to fetch it again.
+    Other failures pass unchanged, and nothing is checked when loading works (the check reads files only after a
+    failure)."""
     try:
         yield
     except Exception as error:
+        refused = refused_object(error)
         for path in _weight_files(places):
+            if refused is not None and path.suffix != ".safetensors":  # torch's advice would be to run its code
+                raise DamagedWeightsError(
+                    f"{what}: {path} was refused: besides tensors it holds a Python object ({refused}), and loading "
+                    f"it could run code from the file, so it was not loaded. This is not the file {what} comes in. "
+                    f"{refetch_hint(path)}") from None
             reason = damaged_file(path)
             if reason is not None:
                 raise DamagedWeightsError(f"{what}: {path} is damaged ({reason}). {refetch_hint(path)}") from error

@@ -546,3 +546,11 @@ def test_load_settings_fills_the_page_from_a_bench_settings_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(gr.Error, match="not JSON"):
         app._load_settings(str(path))
+
+
+def test_an_order_without_people_and_a_refine_that_repaints_nothing_are_said_before_the_picture(smoke_session, face_file):
+    handler = app._generate_handler(smoke_session)
+    _, _, _, _, notices, _ = run(handler, face_path=face_file, steps=1, size="64x64", order="2,1")
+    assert "The order '2,1' was not used: it places the people under People, and there are none." in notices
+    with pytest.raises(gr.Error, match=r"refine_face 0\.2 x steps 2 repaints less than one step of the refine pass"):
+        run(handler, face_path=face_file, steps=2, size="64x64", refine_on=True, refine_strength=0.2)

@@ -190,3 +190,15 @@ def _answers(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_a_file_that_is_not_a_picture_sent_to_the_api_is_refused_in_our_words(served, tmp_path):
+    """gradio itself reads the upload first; its own refusal ("Could not preprocess input component at index 0")
+    becomes the sentence the page gives for any picture field."""
+    launched, _, _ = served
+    note = tmp_path / "t.jpg"
+    note.write_text("a shopping list, not a photo")
+    with pytest.raises(Exception, match=r"face photo: t\.jpg is not a picture") as refused:
+        Client(launched.local_url, verbose=False).predict(face_path=handle_file(str(note)), **QUICK,
+                                                          api_name="/generate")
+    assert "Could not preprocess" not in str(refused.value)

@@ -187,6 +187,77 @@ def _interval_not_recorded(folder: Path) -> None:
     assert stored["guidance_interval"] is None and stored["speed"]["name"] == "lightning-4"
 
 
+def hostile_smoke_weights(relative: str) -> Callable[[Path], str]:
+    """A copy of the smoke weights beside the work folder with one weights file replaced by a pickle that would run
+    code; returns the INSTANTID_WEIGHTS value that makes `--smoke` use the copy."""
+    def make(folder: Path) -> str:
+        root = folder.parent / "weights"
+        shutil.copytree(smoke.default_smoke_root(), root / "smoke")
+        evil_pickle(root / "smoke" / relative)
+        return str(root)
+    return make
+
+
+def _people(folder: Path, *names: str) -> Path:
+    people = folder / "faces"
+    people.mkdir(exist_ok=True)
+    for name in names or ("ann",):
+        face_png(people / f"{name}.png")
+    return people
+
+
+def _second_bench_with_other_prompts(folder: Path) -> list[str]:
+    """`bench` into a folder, then again into it with another prompt: the second must keep the first's pictures."""
+    common = ["bench", "--smoke", "--faces", str(_people(folder)), "--out", str(folder / "b")]
+    assert cli.main([*common, "--prompts", str(_lines(folder / "one.txt", "a photo of a person"))]) == 0
+    return [*common, "--prompts", str(_lines(folder / "two.txt", "a painting of a person"))]
+
+
+def _every_picture_is_its_lines(folder: Path) -> None:
+    from instantid_colab import batch
+
+    lines = batch.results(folder / "b")
+    assert len(lines) == 2
+    for line in lines:
+        (picture,) = batch.pictures(folder / "b", line)
+        stored = json.loads(Image.open(picture).text["instantid"])
+        assert stored["user_prompt"] == line["settings"]["user_prompt"]
+
+
+def _pictures_of_size(side: int) -> Callable[[Path], None]:
+    def check(folder: Path) -> None:
+        from instantid_colab import batch
+
+        (line,) = batch.results(folder / "runs")
+        assert Image.open(batch.pictures(folder / "runs", line)[0]).size == (side, side)
+    return check
+
+
+def _results_with(folder: Path, *lines: str) -> Path:
+    folder.mkdir()
+    (folder / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _glued_results(folder: Path) -> list[str]:
+    """A row made, then results.jsonl as an older version left it: a line cut off by a killed run, and the next
+    record appended to the same line. The row's record is still there: it is not made again."""
+    argv = ["batch", str(_manifest(folder, "a.png")), "--smoke", "--out", str(folder / "runs")]
+    assert cli.main(argv) == 0
+    results = folder / "runs" / "results.jsonl"
+    results.write_text('{"key": "0123", "status": "do' + results.read_text())
+    return argv
+
+
+def _grid_with_pose_beside(folder: Path) -> list[str]:
+    """A grid file in its own folder names a pose photo beside it, as a manifest would."""
+    (folder / "grids").mkdir()
+    face_png(folder / "grids" / "pose.png")
+    grid = _lines(folder / "grids" / "g.csv", "name,pose", "posed,pose.png")
+    return ["bench", "--smoke", "--faces", str(_people(folder)), "--grid", str(grid), "--prompts", "protocol",
+            "--out", str(folder / "b")]
+
+
 CASES = {
     # --- seen failing in the issue -------------------------------------------------------------
     "face is a folder": Case(lambda f: [*QUICK, "--face", str(f), "--out", out(f)], 1,
@@ -438,8 +509,74 @@ CASES = {
                                                           "--smoke", "--out", str(f / "runs")], 1,
                                                r"row 1: identitynet_strength '0,6' is not a number: write the decimal with a "
                                                r"point \(0\.6\)"),
+    # --- issue 37: the last odd inputs ------------------------------------------------------------------------
+    "bench into a folder used before with other prompts": Case(_second_bench_with_other_prompts, 0, r"1 made here",
+                                                               check=_every_picture_is_its_lines, changes_files=True),
+    "width and height in a CSV manifest": Case(lambda f: ["batch", str(_lines(f / "m.csv", "face,prompt,steps,width,height",
+                                                                          f"{face_png(f / 'a.png')},x,1,64,64")),
+                                                          "--smoke", "--out", str(f / "runs")], 0, r"1 made here",
+                                               check=_pictures_of_size(64), changes_files=True),
+    "a JSON null in a manifest row": Case(lambda f: ["batch", str(_lines(f / "m.jsonl", json.dumps(
+        {"face": str(face_png(f / "a.png")), "prompt": "x", "steps": 1, "identity": None, "style": None, "seed": None,
+         "pose": None, "combine": None}))), "--smoke", "--out", str(f / "runs")], 0, r"1 made here", changes_files=True),
+    "width and height as grid values": Case(lambda f: ["bench", "--smoke", "--faces", str(_people(f)), "--grid",
+                                                       "width=64; height=64", "--prompts", "protocol", "--out",
+                                                       str(f / "b")], 0, r"setting width=64, height=64",
+                                            changes_files=True),
+    "a JSON null in a grid file": Case(lambda f: ["bench", "--smoke", "--faces", str(_people(f)), "--grid", str(_lines(
+        f / "g.jsonl", json.dumps({"name": "plain", "speed": None}), json.dumps({"name": "softer", "identitynet_strength": 0.6}))),
+        "--prompts", "protocol", "--out", str(f / "b")], 0, r"setting softer", changes_files=True),
+    "a pickle with code as the FaceID adapter": Case(
+        lambda f: [*QUICK, "--identity", "faceid-plusv2", "--out", out(f)], 1,
+        r"the FaceID adapter: .*ip-adapter-faceid-plusv2_sdxl\.bin was refused: besides tensors it holds a Python "
+        r"object \(posix\.system\).*download --force", changes_files=True,
+        env={"INSTANTID_WEIGHTS": hostile_smoke_weights("identity/h94--IP-Adapter-FaceID/ip-adapter-faceid-plusv2_sdxl.bin")}),
+    "a pickle with code as PuLID's EVA-CLIP": Case(
+        lambda f: [*QUICK, "--identity", "pulid", "--out", out(f)], 1,
+        r"PuLID's EVA-CLIP encoder: .*EVA02_CLIP_L_336_psz14_s6B\.pt was refused: besides tensors it holds a Python "
+        r"object \(posix\.system\)", changes_files=True,
+        env={"INSTANTID_WEIGHTS": hostile_smoke_weights("identity/QuanSun--EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt")}),
+    "bench --out under a file": Case(lambda f: ["bench", "--smoke", "--out", str(_touch(f / "r.txt") / "b")], 2,
+                                     r"--out .*r\.txt/b: .*r\.txt is a file, not a folder"),
+    "batch --out where no folder can be made": Case(lambda f: ["batch", str(_manifest(f, "a.png")), "--smoke", "--out",
+                                                               "/proc/instantid-runs"], 2,
+                                                    r"--out /proc/instantid-runs: cannot make or write folders in /proc"),
+    "a null line in results.jsonl": Case(lambda f: ["batch", str(_manifest(f, "a.png")), "--smoke", "--out",
+                                                    str(_results_with(f / "runs", "null"))], 0, r"1 made here",
+                                         changes_files=True),
+    "a cut-off last line with the next record glued to it": Case(_glued_results, 0, r"0 made here, 1 already done",
+                                                                 changes_files=True),
+    "two people named without ASCII letters": Case(lambda f: ["bench", "--smoke", "--faces", str(_people(f, "李", "王")),
+                                                              "--prompts", "protocol", "--out", str(f / "b")], 0,
+                                                   r"person 李: given 李\.png.*person 王: given 王\.png", changes_files=True),
+    "a grid file with a setting twice under two names": Case(lambda f: ["bench", "--smoke", "--faces", str(_people(f)),
+                                                                        "--grid", str(_lines(f / "g.csv", "name,speed",
+                                                                                             "baseline,quality",
+                                                                                             "quality,quality")),
+                                                                        "--out", str(f / "b")], 2,
+                                                             r"grid settings 'baseline' and 'quality' make the same "
+                                                             r"pictures \(they set the same values\): keep one"),
+    "a grid varying what the method ignores": Case(lambda f: ["bench", "--smoke", "--faces", str(_people(f)), "--grid",
+                                                              "identity=pulid; identitynet_strength=0.6,0.8",
+                                                              "--prompts", "protocol", "--out", str(f / "b")], 0,
+                                                   r"notice: grid settings 'identity=pulid, identitynet_strength=0\.6' "
+                                                   r"and 'identity=pulid, identitynet_strength=0\.8' make the same "
+                                                   r"pictures \(identitynet_strength: identity pulid does not use it\): "
+                                                   r"'identity=pulid, identitynet_strength=0\.8' is left out",
+                                                   changes_files=True),
+    "a grid file's pose photo beside the file": Case(_grid_with_pose_beside, 0, r"1 made here", changes_files=True),
+    "IdentityNet strength with pulid": Case(lambda f: [*QUICK, "--identity", "pulid", "--identitynet-strength", "0.5",
+                                                       "--out", out(f)], 0,
+                                            r"notice: identitynet_strength 0\.5 was not used: identity pulid does not use it",
+                                            changes_files=True),
+    "--s-scale with instantid": Case(lambda f: [*QUICK, "--s-scale", "0.5", "--out", out(f)], 0,
+                                     r"notice: s_scale 0\.5 was not used: identity instantid does not use it",
+                                     changes_files=True),
+    "a refine strength that repaints no step": Case(lambda f: ["--smoke", "--seed", "3", "--steps", "2", "--refine-face",
+                                                               "0.3", "--out", out(f)], 2,
+                                                    r"refine_face 0\.3 x steps 2 repaints less than one step of the "
+                                                    r"refine pass: raise the refine strength to at least 0\.50"),
 }
-
 
 
 def _lines(path: Path, *lines: str) -> Path:
@@ -495,8 +632,8 @@ def test_odd_input(name, tmp_path, capsys, monkeypatch):
 
 
 def test_corpus_size():
-    assert len(CASES) >= 82  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap,
-    # issue 25's 10, 3 found trying the identity benchmark
+    assert len(CASES) >= 101  # the first issue's 17 + 30 of our own, issue 17's 10 + 5 before it, 7 people, 5 swap,
+    # issue 25's 10, 3 found trying the identity benchmark, issue 37's 19
 
 
 def test_ctrl_c_during_generation_exits_130_and_saves_nothing(tmp_path, capsys, monkeypatch):

@@ -27,10 +27,12 @@ FILE_SUFFIXES = (".csv", ".jsonl")
 
 @dataclass(frozen=True)
 class Configuration:
-    """One setting of the grid: its name and the manifest columns it sets (the rest take their defaults)."""
+    """One setting of the grid: its name and the manifest columns it sets (the rest take their defaults); `named`:
+    written one by one in a grid file (not a combination of a grid's values)."""
 
     name: str
     values: dict[str, Any] = field(default_factory=dict)
+    named: bool = False
 
 
 def _dimension(part: str) -> tuple[str, list[Any]]:
@@ -69,6 +71,29 @@ def parse_grid(spec: str | None) -> list[Configuration]:
     return configurations
 
 
+def _beside(folder: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """A grid file's pictures named as a manifest names them: a relative path is beside the file, not in the folder
+    the command runs in (pose, start photo, ControlNet photos and maps, LoRA files that are there)."""
+    from instantid_colab.controls import parse_control
+
+    def placed(text: str) -> str:
+        path = Path(text).expanduser()
+        return text if path.is_absolute() or not (folder / path).exists() else str(folder / path)
+
+    found = dict(values)
+    for column in ("pose", "init_image"):
+        if isinstance(found.get(column), str):
+            found[column] = placed(found[column])
+    for column in ("controls", "control_maps"):
+        if column in found:
+            controls = [parse_control(text) for text in batch.items(found[column])]
+            found[column] = [f"{c.kind}={placed(str(c.image))}:{c.strength}" for c in controls]
+    if "loras" in found:
+        found["loras"] = [placed(name) if ":" not in name else f"{placed(name.rpartition(':')[0])}:{name.rpartition(':')[2]}"
+                          for name in batch.items(found["loras"])]
+    return found
+
+
 def read_grid_file(path: Path) -> list[Configuration]:
     """Named configurations from a CSV (header row) or JSONL file, in the encodings spreadsheets write."""
     if not path.is_file():
@@ -76,12 +101,12 @@ def read_grid_file(path: Path) -> list[Configuration]:
                          "as \"speed=quality,lightning-4\"")
     configurations = []
     for number, row in enumerate(batch.read_manifest(path), 1):
-        values = {key: value for key, value in row.items() if key != "name"}
+        values = _beside(path.parent, {key: value for key, value in row.items() if key != "name" and value is not None})
         unknown = sorted(set(values) - set(DIMENSIONS))
         if unknown:
             raise SettingsError([f"--grid {path} row {number}: {', '.join(unknown)} cannot vary in a benchmark; "
                                  f"use: {', '.join(DIMENSIONS)}"])
-        configurations.append(Configuration(str(row.get("name") or f"configuration {number}"), values))
+        configurations.append(Configuration(str(row.get("name") or f"configuration {number}"), values, named=True))
     if not configurations:
         raise ValueError(f"--grid {path} holds no configuration")
     names = [configuration.name for configuration in configurations]

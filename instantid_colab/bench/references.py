@@ -43,8 +43,12 @@ def _photos(folder: Path) -> list[Path]:
 
 
 def slug(name: str) -> str:
-    """A file-name-safe form of a person's or a setting's name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+    """A file-name-safe form of a person's or a setting's name: letters and digits of any script kept (李 and 王 stay
+    two people), the rest one underscore; a name of nothing but signs gets a short digest of itself."""
+    import hashlib
+
+    found = re.sub(r"[^\w.-]+", "_", name).strip("_.")
+    return found or "x" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
 
 
 def find_people(folder: str | Path) -> list[BenchPerson]:
@@ -79,7 +83,8 @@ def find_people(folder: str | Path) -> list[BenchPerson]:
                          "per person")
     names = [slug(person.name) for person in people]
     if len(set(names)) < len(names):
-        doubles = sorted({name for name in names if names.count(name) > 1})
-        raise ValueError(f"--faces {folder}: two people share a name ({', '.join(doubles)}, a photo and a folder "
-                         "of the same name?); rename one")
+        doubles = [person.name for person in people if names.count(slug(person.name)) > 1]
+        raise ValueError(f"--faces {folder}: {', '.join(repr(name) for name in doubles)} would share one file name "
+                         f"({', '.join(sorted({slug(name) for name in doubles}))}): a photo and a folder of the same "
+                         "name, or names that differ only in signs; rename one")
     return people

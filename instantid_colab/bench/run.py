@@ -18,7 +18,7 @@ import functools
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,14 @@ class BenchPlan:
     configurations: list[Configuration]
     seeds: list[int]
     rows: list[batch.Row]
+    notices: list[str] = field(default_factory=list)  # settings of the grid left out, and why
 
     def describe(self) -> str:
         lines = [f"{len(self.rows)} images: {len(self.people)} people x {len(self.prompts)} prompts x "
                  f"{len(self.configurations)} settings x {len(self.seeds)} seeds"]
         lines += [f"  person {person.describe()}" for person in self.people]
         lines += [f"  setting {configuration.name}" for configuration in self.configurations]
+        lines += [f"  notice: {notice}" for notice in self.notices]
         return "\n".join(lines)
 
     def held_out(self) -> list[str]:
@@ -72,7 +74,7 @@ def plan(faces: str | Path, prompts: str = "builtin", grid: str | None = None, s
     for person in people:
         if person.held_out:
             opened(str(person.held_out), "held-out photo")
-    _check(configurations, people[0], smoke, opened)
+    configurations, said = _check(configurations, people[0], smoke, opened)
     rows = []
     for number, configuration in enumerate(configurations, 1):
         for seed in range(FIRST_SEED, FIRST_SEED + seeds):
@@ -82,9 +84,12 @@ def plan(faces: str | Path, prompts: str = "builtin", grid: str | None = None, s
                                             smoke, opened)
                     row.record = {"person": person.name, "prompt": index, "seed": seed,
                                   "configuration": configuration.name}
-                    row.name = f"{number:02d}-{slug(configuration.name)}/{slug(person.name)}-p{index:02d}-s{seed}"
+                    # named by content too: a folder used before with other prompts, photos or values keeps its
+                    # pictures (a name alone would be the same for another prompt 1 or another setting 2)
+                    row.name = (f"{number:02d}-{slug(configuration.name)}/{slug(person.name)}-p{index:02d}-s{seed}"
+                                f"-{row.key[:8]}")
                     rows.append(row)
-    return BenchPlan(people, prompt_set, configurations, list(range(FIRST_SEED, FIRST_SEED + seeds)), rows)
+    return BenchPlan(people, prompt_set, configurations, list(range(FIRST_SEED, FIRST_SEED + seeds)), rows, said)
 
 
 def plan_smoke_people(out: str | Path, prompts: str = "builtin", grid: str | None = None,
@@ -108,16 +113,43 @@ def _raw(person: BenchPerson, prompt: str, seed: int, configuration: Configurati
             "prompt": prompt, "seed": seed, **configuration.values}
 
 
-def _check(configurations: list[Configuration], person: BenchPerson, smoke: bool, opened) -> None:
-    """Each setting as a manifest row of the first person: SettingsError lists every refusal by setting."""
-    problems = []
+def _check(configurations: list[Configuration], person: BenchPerson, smoke: bool,
+           opened) -> tuple[list[Configuration], list[str]]:
+    """Each setting as a manifest row of the first person: SettingsError lists every refusal by setting. Two settings
+    that would make the same pictures (the same values, or values that differ only where the method or the guidance
+    does not read them) are refused when both were named in a grid file; of a grid's combinations, the later is left
+    out and said. Returns (the settings to make, what was said)."""
+    problems, seen, kept, said = [], {}, [], []
     for configuration in configurations:
         try:
-            batch.prepare_row(1, _raw(person, "x", FIRST_SEED, configuration), Path("."), smoke, opened)
+            row = batch.prepare_row(1, _raw(person, "x", FIRST_SEED, configuration), Path("."), smoke, opened)
         except SettingsError as error:
             problems += [f"grid setting {configuration.name!r}: {problem}" for problem in error.problems]
+            continue
+        if row.key not in seen:
+            seen[row.key] = configuration
+            kept.append(configuration)
+        elif configuration.named:
+            problems.append(_same_pictures(seen[row.key], configuration, row.values) + ": keep one, or vary "
+                            "something the method reads")
+        else:
+            said.append(_same_pictures(seen[row.key], configuration, row.values) + f": {configuration.name!r} is "
+                        "left out")
     if problems:
         raise SettingsError(problems)
+    return kept, said
+
+
+def _same_pictures(first: Configuration, second: Configuration, values: dict[str, Any]) -> str:
+    """Why two settings make the same pictures, and what to do."""
+    from instantid_colab.settings import unused
+
+    differing = sorted(name for name in set(first.values) | set(second.values)
+                       if first.values.get(name) != second.values.get(name))
+    ignored = unused(values)
+    why = ("they set the same values" if not differing else
+           "; ".join(f"{name}: {ignored.get(name, 'the same once checked')}" for name in differing))
+    return f"grid settings {first.name!r} and {second.name!r} make the same pictures ({why})"
 
 
 RECOGNISERS = {"arcface": "ArcFace (antelopev2)", "auraface": "AuraFace", "sface": "SFace"}
