@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from instantid_colab.settings import IDENTITIES  # noqa: E402
+from instantid_colab.engines import IDENTITIES  # noqa: E402
 
 def prepare(root: Path) -> None:
     """Each method's files at their real sizes for the full-size UNet (shapes read from a UNet without memory)."""
@@ -95,7 +95,7 @@ def measure(speed: str) -> dict:
         engine = session.identity_engine(method)
         started = time.perf_counter()
         for _ in range(10):  # the method's layers in and InstantID's back, as every call of it does
-            with engine.installed(session.pipe.unet, *([0.8] if method == "faceid-plusv2" else [])):
+            with engine.installed(session.pipe.unet):
                 pass
         switch_ms[method] = (time.perf_counter() - started) / 10 * 1000
         rss[method] = [process.memory_info().rss / 2**30]

@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple
 import gradio as gr
 from PIL import Image
 
-from instantid_colab import (controls, environment, images, loras, memory, people, pipeline, refine, schedulers,
+from instantid_colab import (controls, engines, environment, images, loras, memory, people, pipeline, refine, schedulers,
                              settings, settings_files, speed, styles)
 from instantid_colab.gpu_line import LINE_LIMIT, Busy, GpuLine, Turn
 from instantid_colab.smoke import SMOKE_LABEL
@@ -316,7 +316,7 @@ def _generate_handler(session: pipeline.InstantIDSession, line: GpuLine | None =
             speed_mode, size, num_images, lora_text="", lora_files=None, lora_scale=1.0, init_path=None,
             init_strength=0.8, person_1=None, person_2=None, person_3=None, person_4=None, order="", refine_on=False,
             refine_strength=settings.REFINE_STRENGTH, guidance_from=0.0, guidance_to=1.0, live_preview=False,
-            identity=settings.IDENTITIES[0], s_scale=1.0, progress=gr.Progress(), browser: str | None = None,
+            identity=engines.DEFAULT, s_scale=1.0, progress=gr.Progress(), browser: str | None = None,
             **control_values):
         """A generator: its place in line while it waits, TAESDXL previews (live_preview), then the results."""
         unchanged = (gr.update(),) * 4
@@ -529,15 +529,15 @@ def _speed_switch(name: str) -> tuple[Any, Any]:
     return gr.update(value=preset.steps), gr.update(value=preset.guidance_scale)
 
 
-# Settings only InstantID's IdentityNet reads: greyed out while another identity method is chosen (their values kept).
-# What another method refuses (a pose image, people, a start photo, refine) stays editable, so it can be taken back.
-IDENTITYNET_ONLY = ("identitynet_strength", "enhance_non_face")
+# The method settings with a control of their own: greyed out while a method that does not read them is chosen (their
+# values kept). What a method refuses (a pose image, people, a start photo, refine) stays editable, to be taken back.
+METHOD_CONTROLS = ("identitynet_strength", "enhance_non_face", "s_scale", "combine")
 
 
 def _identity_switch(name: str) -> tuple[Any, ...]:
-    """Choosing an identity method greys out what it does not use (IDENTITYNET_ONLY; FaceID's s_scale for the others)."""
-    instantid = name == settings.IDENTITIES[0]
-    return (*(gr.update(interactive=instantid) for _ in IDENTITYNET_ONLY), gr.update(interactive=name == "faceid-plusv2"))
+    """Choosing an identity method greys out the METHOD_CONTROLS its registry line does not read."""
+    reads = engines.method(name).reads
+    return tuple(gr.update(interactive=control in reads) for control in METHOD_CONTROLS)
 
 
 LIKENESS_HELP = (
@@ -596,10 +596,8 @@ def _main_inputs(defaults: dict[str, Any]) -> dict[str, Any]:
              "first time it is used)")
     with gr.Row():
         named["identity"] = gr.Dropdown(
-            list(settings.IDENTITIES), value=settings.IDENTITIES[0], label="Identity method", elem_id="identity",
-            info="instantid: IdentityNet + face adapter; faceid-plusv2: IP-Adapter FaceID Plus V2; pulid: PuLID v1.1 "
-                 "(its ID scale is the adapter strength). The last two have no IdentityNet: no pose image, people, "
-                 "start photo or refine; each is loaded the first time it is used")
+            list(engines.METHODS), value=engines.DEFAULT, label="Identity method", elem_id="identity",
+            info=engines.help_text())
         named["s_scale"] = gr.Slider(*_range("s_scale"), value=1.0, step=0.05, label="FaceID structure (s_scale)",
                                      elem_id="s-scale", interactive=False)
     named["live_preview"] = gr.Checkbox(False, label="Live preview", elem_id="live-preview",
@@ -747,7 +745,7 @@ def _wire(app: gr.Blocks, session: pipeline.InstantIDSession, line: GpuLine, inp
                                     outputs=[*(inputs[name] for name in settings_files.PAGE_FIELDS), outputs["notices"]],
                                     queue=False)
     inputs["identity"].change(_identity_switch, inputs=inputs["identity"],
-                              outputs=[*(inputs[name] for name in IDENTITYNET_ONLY), inputs["s_scale"]], queue=False)
+                              outputs=[inputs[name] for name in METHOD_CONTROLS], queue=False)
 
     def refresh() -> str:
         placements = [placement for placement, _ in session.controlnets.loaded.values()]

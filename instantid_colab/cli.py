@@ -483,7 +483,8 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
 
 def _generate_options(generate: argparse.ArgumentParser) -> None:
     from instantid_colab.schedulers import SCHEDULERS
-    from instantid_colab.settings import IDENTITIES, LIMITS, REFINE_STRENGTH
+    from instantid_colab import engines
+    from instantid_colab.settings import LIMITS, REFINE_STRENGTH
     from instantid_colab.speed import SPEEDS
 
     def limits(name: str, default: object) -> str:
@@ -509,11 +510,8 @@ def _generate_options(generate: argparse.ArgumentParser) -> None:
                           help="classifier-free guidance only on these fractions of the steps (e.g. 0.17,0.9); "
                                "outside them the unconditional half is not computed")
     generate.add_argument("--scheduler", help="default: the speed mode's (" + ", ".join(SCHEDULERS) + ")")
-    generate.add_argument("--identity", default=IDENTITIES[0], choices=IDENTITIES,
-                          help="the method that keeps the face: instantid (default; IdentityNet + face adapter), "
-                               "faceid-plusv2 (IP-Adapter FaceID Plus V2) or pulid (PuLID v1.1, its ID scale is "
-                               "--adapter-strength); the last two have no IdentityNet, so no --pose, --person, "
-                               "--init-image or --refine-face")
+    generate.add_argument("--identity", default=engines.DEFAULT, choices=list(engines.METHODS),
+                          help="the method that keeps the face (default " + engines.DEFAULT + ") " + engines.help_text())
     generate.add_argument("--s-scale", type=float, default=1.0,
                           help="faceid-plusv2's structure weight: " + limits("s_scale", 1.0))
     generate.add_argument("--identitynet-strength", type=float, default=0.8, help=limits("identitynet_strength", 0.8))

@@ -41,10 +41,6 @@ WEIGHTS_FP16 = {
     "vae": 0.16,
 }
 STREAMED_PLACEMENTS = ("group_offload", "sequential_offload")  # the UNet in blocks: a method's own layers cannot follow
-FACEID_LAYERS = 1.39  # FaceID Plus V2 SDXL: projection 217M + IP layers and rank-128 LoRA 527M params, fp16
-FACEID_IMAGE_ENCODER = 1.18  # CLIP ViT-H/14 vision tower, 632M params, fp16
-PULID_LAYERS = 0.63  # PuLID v1.1's ID attention layers on SDXL's 70 cross-attentions, 341M params, fp16
-PULID_ENCODERS = 1.01  # EVA02-CLIP-L vision 304M + IDFormer 151M + SegFormer face parser 85M params, fp16
 TEXT_ENCODERS_CPU = 3.0  # on CPU they run in float32 (fp16 matmuls on CPU are slow or missing)
 FACE_MODELS_GPU = 0.6  # antelopev2 in onnxruntime CUDA: ~0.4 GiB weights + arena
 FACE_MODELS_CPU = 0.4
@@ -560,16 +556,22 @@ def plan_controls(plan: MemoryPlan, options: dict[str, list[tuple[str, float]]],
 
 
 def identity_outlook(plan: MemoryPlan) -> dict[str, str]:
-    """For `doctor`: what each identity method adds under `plan` and where it goes, before anything loads."""
-    outlook = {"instantid": "IdentityNet and face adapter, loaded with the pipeline (the default)"}
+    """For `doctor`: what each identity method (`engines.METHODS`) adds under `plan` and where, before anything loads."""
+    from instantid_colab import engines
+
+    outlook = {}
     where = "the GPU" if plan.placement == "gpu" else "the CPU, moving with the UNet" if plan.placement == \
         "model_offload" else "the CPU"
-    for name, layers, encoders, what in (("faceid-plusv2", FACEID_LAYERS, FACEID_IMAGE_ENCODER, "CLIP ViT-H/14"),
-                                         ("pulid", PULID_LAYERS, PULID_ENCODERS, "EVA02-CLIP-L, IDFormer and parser")):
-        outlook[name] = (f"not available under {plan.placement} (the UNet streams in blocks; its layers would not "
-                         "follow)" if plan.placement in STREAMED_PLACEMENTS else
-                         f"{layers:.2f} GiB of layers beside the UNet on {where}; {what} {encoders:.2f} GiB on the "
-                         "CPU, on the GPU only while they encode (loaded the first time the method is asked for)")
+    for name, method in engines.METHODS.items():
+        if not method.layers_gib:
+            outlook[name] = f"{method.title}, loaded with the pipeline (the default)"
+        elif plan.placement in STREAMED_PLACEMENTS and not method.streamed:
+            outlook[name] = (f"not available under {plan.placement} (the UNet streams in blocks; its layers would not "
+                             "follow)")
+        else:
+            outlook[name] = (f"{method.layers_gib:.2f} GiB of layers beside the UNet on {where}; {method.encoders} "
+                             f"{method.encoders_gib:.2f} GiB on the CPU, on the GPU only while they encode (loaded "
+                             "the first time the method is asked for)")
     return outlook
 
 

@@ -3,9 +3,11 @@
 What InstantID adds to a plain SDXL + ControlNet pipeline, and where it lives here:
 - the face embedding -> 16 tokens Resampler and the IP attention: diffusers' IP-Adapter-Plus route
   (`adapter.load_adapter`), fed with `ip_adapter_image_embeds` (SDPA processors, no score matrices);
-- the IdentityNet ControlNet that sees ONLY the 16 face tokens as its text (`identity.IdentityNet`);
+- the IdentityNet ControlNet that sees ONLY the 16 face tokens as its text (`engines.instantid.IdentityNet`);
 - "enhance non-face region": the face box on the IdentityNet residuals and on IP attention, resized
-  as the official code resizes it (`identity.FaceRegion`);
+  as the official code resizes it (`engines.instantid.FaceRegion`);
+- the other identity methods as engines on the same modules (`engines`): a call asks its method's engine for its
+  conditioning, the same way for every method;
 - a VAE decode that never returns NaN/black, and one automatic retry with a lighter memory plan
   after running out of memory.
 """
@@ -22,16 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from instantid_colab import faces, library_messages, memory, styles
+from instantid_colab import engines, faces, library_messages, memory, styles
 from instantid_colab.components import load as load_component, parameter_device, parameter_dtype
 from instantid_colab.images import open_image
 from instantid_colab.png_metadata import attach_metadata
 from instantid_colab.schedulers import SCHEDULERS
-from instantid_colab.settings import IDENTITIES, MULTIPLE, SettingsError, check as check_settings, check_arguments, unused
-from instantid_colab.identity import (
-    FaceRegion, IdentityNet, embedding_pair, execution_device, face_conditioning, face_tokens, per_image,
-    use_face_region_processors,
-)
+from instantid_colab.settings import MULTIPLE, SettingsError, check as check_settings, check_arguments, unused
+from instantid_colab.engines.common import ControlSlot, EngineCall, execution_device
+from instantid_colab.engines.instantid import IdentityNet, InstantIDEngine, use_face_region_processors
 from instantid_colab.controls import (
     ANNOTATOR_FILES, ANNOTATOR_REPOS, CONTROL_MODELS, Control, check_controls, image_digest, options as control_options,
     source_image,
@@ -47,8 +47,6 @@ from instantid_colab.weights import (
 )
 
 _SCHEDULE_LOGGERS = ("diffusers.schedulers.scheduling_lcm", "diffusers.schedulers.scheduling_tcd")
-IDENTITY_MODULES = {"faceid-plusv2": "instantid_colab.faceid", "pulid": "instantid_colab.pulid"}  # beside InstantID
-IDENTITY_DOWNLOAD_GB = {"faceid-plusv2": 4, "pulid": 2}  # what each first load fetches (adapter, encoders)
 DEFAULT_PROMPT = "a person"  # the official demo's stand-in for an empty prompt
 OFFICIAL_LONG_SIDE, OFFICIAL_SHORT_SIDE = 1280, 1024  # the official resize_img rule
 
@@ -68,8 +66,8 @@ class InstantIDSession:
     smoke: bool
     scheduler_config: dict
     load_seconds: float = 0.0
-    ip_processors: list = field(default_factory=list)  # the UNet's FaceRegionIPAttnProcessors
-    device: Any = None  # where the pipeline computes (identity.execution_device, asked once)
+    engines: dict = field(default_factory=dict)  # method name -> its loaded engine (InstantID's from the start)
+    device: Any = None  # where the pipeline computes (engines.common.execution_device, asked once)
     loras: LoraState = field(default_factory=LoraState)
     controlnets: ControlNets = field(default_factory=ControlNets)
     annotations: Annotations = field(default_factory=Annotations)
@@ -118,31 +116,52 @@ class InstantIDSession:
         return self._views[name]
 
     def identity_engine(self, name: str):
-        """An identity method's own modules (`faceid.FaceIDEngine`, `pulid.PuLIDEngine`) on this pipeline's UNet,
-        loaded the first time asked for."""
-        if name not in self._views:
+        """An identity method's engine on this pipeline's UNet (`engines.METHODS`), loaded the first time asked for;
+        other methods' engines are released first when host RAM would not hold it beside them."""
+        if name not in self.engines:
             import importlib
 
             from instantid_colab.loras import activate
 
-            module = importlib.import_module(IDENTITY_MODULES[name])
-            if self.plan.placement in memory.STREAMED_PLACEMENTS:
+            method = engines.method(name)
+            if self.plan.placement in memory.STREAMED_PLACEMENTS and not method.streamed:
                 raise SettingsError([f"identity {name} is not available with the memory plan "
                                      f"'{self.plan.placement}' (the UNet streams in blocks, the method's layers would "
-                                     "not follow); use identity instantid on this machine"])
-            self._views[name] = module.load(self.pipe, module.ensure_files(self.weights), self.plan.face_device)
+                                     f"not follow); use identity {engines.DEFAULT} on this machine"])
+            self._make_room(method)
+            module = importlib.import_module(method.module)
+            self.engines[name] = module.load(self.pipe, module.ensure_files(self.weights), self.plan.face_device)
             activate(self.pipe, self.loras.active)  # diffusers switches a loaded method's LoRA on for everything
-        return self._views[name]
+        return self.engines[name]
+
+    def _make_room(self, method) -> None:
+        """Release the loaded methods other than the default when host RAM would not hold `method` beside them
+        (every method loaded under model offload holds more than a free Colab's 12.7 GiB)."""
+        import psutil
+
+        needed = method.encoders_gib + (method.layers_gib if self.plan.placement != "gpu" else 0.0)
+        if psutil.virtual_memory().available / memory.GIB >= needed + memory.ADAPTER_LOAD_TRANSIENT:
+            return
+        for name in [name for name in self.engines if name != engines.DEFAULT]:
+            self.release_engine(name)
+
+    def release_engine(self, name: str) -> None:
+        """Give a loaded method's memory back (it loads again, from disk, the next time it is asked for)."""
+        engine = self.engines.pop(name)
+        own = engine.lora_adapters or {}
+        self.loras.active = {adapter: scale for adapter, scale in self.loras.active.items() if adapter not in own}
+        engine.release(self.pipe)
+        del engine
+        memory.cleanup()
 
     def loaded_identity_engines(self) -> list:
-        return [self._views[name] for name in IDENTITY_MODULES if name in self._views]
+        return [engine for name, engine in self.engines.items() if name != engines.DEFAULT]
 
     def identity_methods(self) -> list[str]:
         """One line per identity method: what is loaded, and where (the app's memory panel)."""
-        return ["instantid: IdentityNet and face adapter, loaded with the pipeline (the default)",
-                *(self._views[name].where() if name in self._views else
-                  f"{name}: not loaded (loads, and downloads its files once, the first time it is asked for: "
-                  f"about {size} GB)" for name, size in IDENTITY_DOWNLOAD_GB.items())]
+        return [self.engines[name].where() if name in self.engines else
+                f"{name}: not loaded (loads, and downloads its files once, the first time it is asked for: "
+                f"about {method.download_gb:g} GB)" for name, method in engines.METHODS.items()]
 
     def annotator_folder(self, kind: str) -> Path:
         return ensure_annotator(self.weights, ANNOTATOR_REPOS[kind], ANNOTATOR_FILES)
@@ -267,7 +286,8 @@ def load_pipeline(weights: WeightPaths, plan=None, recorder=None, progress: bool
                                       device_index=index)
     return InstantIDSession(pipe=pipe, faces=analyzer, plan=plan, weights=weights, smoke=weights.smoke,
                             scheduler_config=scheduler_config, load_seconds=time.perf_counter() - started,
-                            ip_processors=ip_processors, device=execution_device(pipe))
+                            engines={engines.DEFAULT: InstantIDEngine(identitynet, ip_processors)},
+                            device=execution_device(pipe))
 
 
 def _scheduler_config(base: str) -> dict:
@@ -356,18 +376,19 @@ class OutOfMemory(MemoryError):
     so every boundary that tells a person "out of memory" (CLI, app, batch) catches it without importing this."""
 
 
-def _oom_retry_plan(session: InstantIDSession, error: BaseException, identity: str = IDENTITIES[0]) -> str:
+def _oom_retry_plan(session: InstantIDSession, error: BaseException, identity: str = engines.DEFAULT) -> str:
     """Free memory, step the plan down and apply it; returns the notice (raises when there is no lighter plan,
-    or none that `identity` runs under: FaceID needs the UNet whole, not streamed in blocks)."""
+    or none that `identity` runs under: a method whose layers sit beside the UNet needs it whole, not streamed)."""
     memory.cleanup()
+    method = engines.method(identity)
     lighter = memory.step_down(session.plan)
-    while lighter is not None and identity != IDENTITIES[0] and lighter.placement in memory.STREAMED_PLACEMENTS:
+    while lighter is not None and not method.streamed and lighter.placement in memory.STREAMED_PLACEMENTS:
         lighter = memory.step_down(lighter)
     if lighter is None:
         raise OutOfMemory(
             f"Out of GPU memory with the lightest memory plan {identity} runs under ({session.plan.placement}): "
             f"{error}. Try a smaller width/height or fewer images"
-            f"{'' if identity == IDENTITIES[0] else ', or identity instantid'}.") from error
+            f"{'' if method.streamed else f', or identity {engines.DEFAULT}'}.") from error
     memory.apply(lighter, session.pipe)
     if lighter.placement != "gpu":  # a loaded identity method's layers wait off the UNet: on the CPU
         for engine in session.loaded_identity_engines():
@@ -397,6 +418,23 @@ def _extra_controlnets(session: InstantIDSession, kinds: list[str], width: int, 
     models = session.controlnets.prepare(placements, session.controlnet_folder, str(session.device),
                                          parameter_dtype(session.pipe.unet))
     return placements, models
+
+
+def _controlnet_for(slots: list[ControlSlot]) -> tuple[Any, dict]:
+    """The call's ControlNet and its arguments: none; one ControlNet as itself; else diffusers' MultiControlNetModel,
+    which gives each its own image, strength and step fraction and sums their residuals (the official order: the
+    engine's, such as the IdentityNet of each person, first)."""
+    from diffusers import ControlNetModel
+
+    if not slots:
+        return None, {}
+    if len(slots) == 1 and isinstance(slots[0].model, ControlNetModel):
+        (slot,) = slots
+        return slot.model, dict(image=slot.image, controlnet_conditioning_scale=slot.scale,
+                                control_guidance_start=slot.start, control_guidance_end=slot.end)
+    return MultiControlNetModel([slot.model for slot in slots]), dict(
+        image=[slot.image for slot in slots], controlnet_conditioning_scale=[slot.scale for slot in slots],
+        control_guidance_start=[slot.start for slot in slots], control_guidance_end=[slot.end for slot in slots])
 
 
 @contextlib.contextmanager
@@ -482,7 +520,7 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
              lcm: bool = False, extra_face_images: Sequence = (), controls: Sequence[Control] = (),
              loras: Sequence[Lora] = (), init_image=None, init_strength: float = 0.8,
              init_mask=None, people: Sequence[Person] = (), order: Sequence[int] | None = None,
-             speed: str = speed_module.DEFAULT_SPEED, guidance_interval=None, identity: str = IDENTITIES[0],
+             speed: str = speed_module.DEFAULT_SPEED, guidance_interval=None, identity: str = engines.DEFAULT,
              s_scale: float = 1.0, preview: Callable[[int, int, Image.Image], None] | None = None,
              preview_every: int = speed_module.PREVIEW_EVERY,
              callback: Callable[[int, int], None] | None = None,
@@ -496,8 +534,9 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     and `scheduler` given here win over it (`lcm=True` is the "lcm" preset). `guidance_interval` (start, end):
     CFG only on those fractions of the steps, the unconditional half not computed outside. `preview(step, total,
     image)` gets a TAESDXL picture every `preview_every` steps. `identity`: the method that keeps the face
-    (`settings.IDENTITIES`); "faceid-plusv2" (IP-Adapter FaceID Plus V2, structure weight `s_scale`) and "pulid"
-    (PuLID v1.1, ID scale `adapter_strength`) have no IdentityNet, so no keypoint layout, people or start photo.
+    (`engines.METHODS`, which says what each can do); "faceid-plusv2" (IP-Adapter FaceID Plus V2, structure weight
+    `s_scale`) and "pulid" (PuLID v1.1, ID scale `adapter_strength`) have no IdentityNet, so no keypoint layout,
+    people or start photo.
 
     `controls`: extra ControlNets (pose/canny/depth, a photo to annotate or a ready map, each with a
     strength and a start/end fraction of the steps). `loras`: style LoRAs with scales. `init_image`:
@@ -567,20 +606,18 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
     if people:
         settings.update(people=cast.describe(photos), order=list(order) if order is not None else None)
     settings["identity_engine"] = identity
-    face_photos = []
-    if identity != IDENTITIES[0]:
-        side = session.identity_engine(identity).photo_side
-        face_photos = [open_image(image, "face photo", max_side=side) for image in [face_image, *extra_face_images]]
-        settings.update(identitynet_strength=None, enhance_non_face=None,
-                        identity_settings=session.identity_engine(identity).describe(checked))
-        if identity == "pulid":  # several photos go in side by side, the official multi-image route
-            settings["combine"] = None
+    engine = session.identity_engine(identity)
+    face_photos = [] if people else [open_image(image, "face photo", max_side=engine.photo_side)
+                                     for image in [face_image, *extra_face_images]]
+    settings.update({name: None for name in engines.method(identity).unused() if name in settings})
+    if engine.describe(checked):
+        settings["identity_settings"] = engine.describe(checked)
     label = session.label
     if label:
         settings["label"] = label
-    call = dict(prompt=styled_prompt, negative_prompt=styled_negative, cast=cast, kps_images=kps_images,
-                as_people=bool(people), controls=controls, maps=maps, loras=loras, init=init, init_mask=mask,
-                settings=settings, chosen=chosen, interval=interval, preview=preview, preview_every=preview_every,
+    call = dict(prompt=styled_prompt, negative_prompt=styled_negative, cast=cast, as_people=bool(people),
+                controls=controls, maps=maps, loras=loras, init=init, init_mask=mask, settings=settings,
+                values=checked, chosen=chosen, interval=interval, preview=preview, preview_every=preview_every,
                 callback=callback, should_stop=should_stop, face_photos=face_photos)
     try:
         images = _denoise_and_decode(session, notices, **call)
@@ -608,39 +645,31 @@ def _unused_notices(checked: dict, identity: str) -> list[str]:
 
 
 def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt: str, negative_prompt: str,
-                        cast: Cast, kps_images: list, as_people: bool, controls: list[Control], maps: list,
-                        loras: list[Lora], init, init_mask, settings: dict, chosen, interval, preview,
-                        preview_every: int, callback, should_stop, face_photos: list) -> list[Image.Image]:
+                        cast: Cast, as_people: bool, controls: list[Control], maps: list, loras: list[Lora], init,
+                        init_mask, settings: dict, values: dict, chosen, interval, preview, preview_every: int,
+                        callback, should_stop, face_photos: list) -> list[Image.Image]:
     pipe = session.pipe
-    name = settings["identity_engine"]
-    engine = session.identity_engine(name) if name != IDENTITIES[0] else None
+    engine = session.identity_engine(settings["identity_engine"])
     width, height, steps, seed = settings["width"], settings["height"], settings["steps"], settings["seed"]
     num = settings["num_images"]
     speed_lora = (ensure_lora(session.weights, "/".join(chosen.lora)), chosen.lora_scale) if chosen.lora else None
     session.loras.apply(pipe, [(lora_file(session.weights, lora.name), lora.scale) for lora in loras], speed_lora,
-                        engine=engine.lora_adapters if engine else None)
+                        engine=engine.lora_adapters)
     placements, nets = _extra_controlnets(session, [control.kind for control in controls], width, height, num)
     for control, placement in zip(settings["controls"], placements):
         control["model"] = CONTROL_MODELS[placement.kind][placement.variant].repo
         if placement.place == "offload":
             notices.append(f"The {placement.render()}: the GPU had no room for it.")
     pipe.scheduler = _make_scheduler(settings["scheduler"], session.scheduler_config)
-    for processor in session.ip_processors:  # what set_ip_adapter_scale does, without walking the UNet again
-        processor.scale = [settings["adapter_strength"]]
 
     generator = torch.Generator("cpu").manual_seed(seed)
     do_cfg = settings["guidance_scale"] > 1 and pipe.unet.config.time_cond_proj_dim is None
-    if engine is None:
-        pairs = [embedding_pair(embedding, (1, 1, -1, 512), settings["negative_noise"], do_cfg, generator)
-                 for embedding in cast.embeddings]  # per person: (negative, positive) embeddings
-        tokens = torch.cat([face_tokens(pipe, per_image(pair, num), session.device) for pair in pairs],
-                           dim=1)  # per person face tokens [batch, 16, dim], person 0's first
-        conditioning = {"ip_adapter_image_embeds": [pairs[0].to(parameter_dtype(pipe.unet))]}
-    else:
-        conditioning, engine_installed = engine.conditioning(
-            session.faces, face_photos, settings, do_cfg=do_cfg, num=num, device=session.device,
-            dtype=parameter_dtype(pipe.unet), unet=pipe.unet, generator=generator)
-    region = None if cast.masks is None else FaceRegion(torch.from_numpy(cast.masks))
+    text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
+    conditioning = engine.conditioning(EngineCall(
+        pipe=pipe, analyzer=session.faces, photos=face_photos, cast=cast, several_people=as_people, values=values,
+        do_cfg=do_cfg, num=num, device=session.device, dtype=parameter_dtype(pipe.unet), generator=generator,
+        text=text, prompt=prompt))
+    text = conditioning.text or text
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 
     shown = None if preview is None else (lambda step, latents: preview(step, total, speed_module.preview_image(
@@ -654,30 +683,15 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         if should_stop is not None and should_stop():
             raise GenerationStopped(f"stopped after step {step + 1} of {total}")
         plan.after_step(step, tensors["latents"])
-        return tensors
+        return conditioning.after_step(step, tensors) if conditioning.after_step else tensors
 
-    identitynet = pipe.controlnet
-    controlnet, images = identitynet, kps_images[0]
-    arguments = dict(controlnet_conditioning_scale=settings["identitynet_strength"])
-    if engine is not None:  # no IdentityNet: the extra ControlNets alone, or none at all
-        controlnet, images = (MultiControlNetModel(nets), maps) if nets else (None, None)
-        arguments = dict(controlnet_conditioning_scale=[c.strength for c in controls],
-                         control_guidance_start=[c.start for c in controls],
-                         control_guidance_end=[c.end for c in controls]) if nets else {}
-    elif nets or as_people:  # the official multi-ControlNet order: the IdentityNet (each person's) first, then the rest
-        slots = [identitynet.person(index) for index in range(len(kps_images))] if as_people else [identitynet]
-        controlnet, images = MultiControlNetModel([*slots, *nets]), [*kps_images, *maps]
-        arguments = dict(controlnet_conditioning_scale=[settings["identitynet_strength"]] * len(slots)
-                         + [c.strength for c in controls],
-                         control_guidance_start=[0.0] * len(slots) + [c.start for c in controls],
-                         control_guidance_end=[1.0] * len(slots) + [c.end for c in controls])
+    slots = [*conditioning.controlnets, *(ControlSlot(net, image, control.strength, control.start, control.end)
+                                          for net, image, control in zip(nets, maps, controls))]
+    controlnet, arguments = _controlnet_for(slots)
     caller = pipe if controlnet is not None else session.view("text2img")
-    if init is None:
-        if controlnet is not None:
-            arguments["image"] = images
-    else:  # img2img, or inpaint where a mask says which part of the start photo is repainted
+    if init is not None:  # img2img, or inpaint where a mask says which part of the start photo is repainted
         caller = session.view("img2img" if init_mask is None else "inpaint")
-        arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=images,
+        arguments.update(image=init.resize((width, height), Image.LANCZOS), control_image=arguments.pop("image"),
                          strength=settings["init_image"]["strength"])
         if init_mask is not None:
             arguments["mask_image"] = init_mask.resize((width, height), Image.LANCZOS)
@@ -685,25 +699,20 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
         arguments["timesteps"] = list(chosen.timesteps)
     if chosen.eta is not None:
         arguments["eta"] = chosen.eta
-    text = _encode_prompt(pipe, session.device, prompt, negative_prompt, do_cfg)  # the pipeline repeats them per image
     with contextlib.ExitStack() as stack:
         if controlnet is not None:
             stack.enter_context(_using_controlnet(caller, controlnet))
-        if engine is None:
-            stack.enter_context(identitynet.conditioned(tokens, region))
-            stack.enter_context(face_conditioning(pipe.unet, session.ip_processors, tokens, region))
-        else:
-            stack.enter_context(engine_installed)
+        stack.enter_context(conditioning.context)
         stack.enter_context(_text_encoders_detached(caller))
         if "timesteps" in arguments:  # the card's schedule is meant to be off the sampler's training grid
             stack.enter_context(library_messages.without(_SCHEDULE_LOGGERS, "The custom timestep schedule contains"))
         halved = [model for model in (pipe.unet, controlnet) if model is not None] if interval and do_cfg else []
         stack.enter_context(speed_module.conditional_half_only(halved, lambda: plan.skipping))
-        latents = caller(  # the tokens above stand in for what the UNet would make of these embeddings
-            **text, **arguments, width=width, height=height, num_inference_steps=steps,
-            guidance_scale=settings["guidance_scale"], num_images_per_prompt=num,
-            **conditioning, generator=generator,
+        latents = caller(  # the engine's tokens stand in for what the UNet would make of its embeddings
+            **text, **arguments, **conditioning.arguments, width=width, height=height, num_inference_steps=steps,
+            guidance_scale=settings["guidance_scale"], num_images_per_prompt=num, generator=generator,
             output_type="latent", callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents", *conditioning.tensor_inputs],
         ).images
     decoded = decode(pipe, latents, notices)
     pipe.maybe_free_model_hooks()

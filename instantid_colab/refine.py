@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
-from instantid_colab import pipeline
+from instantid_colab import engines, pipeline
 from instantid_colab.faces import Likeness, NoFaceError, likeness_of
 from instantid_colab.images import ImageLike, open_image
 from instantid_colab.loras import Lora
 from instantid_colab.people import Person, faces_in_regions
 from instantid_colab.png_metadata import attach_metadata
-from instantid_colab.settings import IDENTITIES, REFINE_STRENGTH, SettingsError, check_arguments, refine_needs_instantid
+from instantid_colab.settings import REFINE_STRENGTH, SettingsError, check_arguments
 
 CROP_SIZE = 1024  # the crop is made at SDXL's own resolution
 MARGIN = 0.4  # the crop reaches this many face sides beyond the repainted region's box on every side
@@ -101,8 +101,9 @@ def refine_faces(session, result, strength: float = REFINE_STRENGTH, face_image:
     result was made from: `face_image` + `extra_face_images`, or `people`). Changes `result` in place: images,
     likeness (before and after, in the metadata as "refine_face"), notices."""
     (strength,) = check_arguments(strength=(strength, "refine_strength"))
-    if result.settings.get("identity_engine", IDENTITIES[0]) != IDENTITIES[0]:
-        raise SettingsError([refine_needs_instantid(result.settings["identity_engine"])])
+    method = engines.method(result.settings.get("identity_engine"))
+    if not method.refine:
+        raise SettingsError([method.no_refine()])
     started = time.perf_counter()
     cast = result.cast
     result.refined = [None] * len(result.images)

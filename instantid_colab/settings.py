@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from instantid_colab import engines
 from instantid_colab.schedulers import SCHEDULERS
 from instantid_colab.styles import STYLES
 
@@ -70,52 +71,18 @@ PAIRS = ("guidance_interval",)  # LIMITS rows for both ends of a pair, not a set
 REFINE_STRENGTH = 0.4  # the refine pass's strength when it is only switched on (`--refine-face`, `true`)
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 COMBINE_MODES = ("average", "norm_average", "concat")  # several photos of one person: ComfyUI_InstantID's options
-IDENTITIES = ("instantid", "faceid-plusv2", "pulid")  # identity methods on the one loaded SDXL; the first is the default
-
-
-def identity_problems(values: Mapping[str, Any]) -> list[str]:
-    """What a method without InstantID's IdentityNet cannot do, in a sentence each (`values` as for `check`)."""
-    identity, problems = values["identity"], []
-    if values.get("several_people"):
-        problems.append(f"identity {identity} makes one person: several people need InstantID's IdentityNet "
-                        "(use identity instantid)")
-    if values.get("pose_image") is not None:
-        problems.append(f"identity {identity} has no keypoint layout (the pose image drives InstantID's IdentityNet); "
-                        "give the pose as a ControlNet instead (--control pose=PHOTO)")
-    if values.get("init_image") is not None:
-        problems.append(f"identity {identity} does not start from a photo (img2img and inpaint run through InstantID's "
-                        "IdentityNet); use identity instantid")
-    if values.get("combine") == "concat" and identity == "faceid-plusv2":
-        problems.append(f"identity {identity} takes one face embedding: combine several photos with average or "
-                        "norm_average, not concat")
-    if identity == "pulid" and isinstance(values.get("negative_noise"), (int, float)) and values["negative_noise"] > 0:
-        problems.append("identity pulid's negative is its ID encoder's answer to a zero face (the official one): "
-                        "negative_noise must be 0")
-    if values.get("refine_face"):
-        problems.append(refine_needs_instantid(identity))
-    return problems
-
-
-# What each identity method does not read: the picture is the same whatever they are. A value given for one is said to
-# be unused, and two settings that differ only there make the same pictures (one row key, one picture).
-UNUSED_BY = {"instantid": ("s_scale",), "faceid-plusv2": ("identitynet_strength", "enhance_non_face"),
-             "pulid": ("identitynet_strength", "enhance_non_face", "s_scale", "combine")}
 
 
 def unused(values: Mapping[str, Any]) -> dict[str, str]:
     """The settings in `values` (checked, a speed mode's applied) that this run does not read, each with why: the
-    method's (UNUSED_BY), and a guidance interval where the guidance is 1 or less (no guidance to limit)."""
-    identity = values.get("identity") or IDENTITIES[0]
-    found = {name: f"identity {identity} does not use it" for name in UNUSED_BY.get(identity, ()) if name in values}
+    method's (what its registry line does not read), and a guidance interval where the guidance is 1 or less."""
+    identity = engines.METHODS.get(values.get("identity") or engines.DEFAULT)  # an unknown name is check's to refuse
+    found = {name: f"identity {identity.name} does not use it" for name in (identity.unused() if identity else ())
+             if name in values}
     guidance = values.get("guidance_scale")
     if values.get("guidance_interval") is not None and isinstance(guidance, (int, float)) and guidance <= 1:
         found["guidance_interval"] = f"guidance {guidance} runs no classifier-free guidance to limit"
     return found
-
-
-def refine_needs_instantid(identity: str) -> str:
-    return (f"refine_face repaints faces through InstantID's IdentityNet: it is not available with identity {identity} "
-            "(use identity instantid, or leave refine_face off)")
 
 
 class SettingsError(ValueError):
@@ -233,7 +200,8 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
     for name in FLAGS:
         if name in values and not isinstance(values[name], bool):
             problems.append(f"{name} {values[name]!r} must be true or false")
-    choices = {"style": tuple(STYLES), "scheduler": tuple(SCHEDULERS), "combine": COMBINE_MODES, "identity": IDENTITIES}
+    choices = {"style": tuple(STYLES), "scheduler": tuple(SCHEDULERS), "combine": COMBINE_MODES,
+               "identity": tuple(engines.METHODS)}
     for name, allowed in choices.items():  # None: the default (a speed mode's scheduler, say)
         if values.get(name) is not None and values[name] not in allowed:
             problems.append(f"{name} {values[name]!r} is not one of: {', '.join(allowed)}")
@@ -245,8 +213,8 @@ def check(values: Mapping[str, Any]) -> dict[str, Any]:
         problems += size_problems_found
         if size:
             checked["width"], checked["height"] = size
-    if values.get("identity") not in (None, IDENTITIES[0]):
-        problems += identity_problems({**values, **checked})  # numbers as numbers (a manifest gives text)
+    if values.get("identity") in engines.METHODS:
+        problems += engines.method(values["identity"]).cannot({**values, **checked})  # numbers as numbers
     if values.get("init_image") is not None and not problems:
         steps, strength = checked.get("steps") or 30, checked.get("init_strength", 0.8)
         if int(steps * strength) < 1:

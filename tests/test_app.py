@@ -189,12 +189,11 @@ def test_a_speed_mode_moves_steps_and_guidance_to_its_card_values():
     assert (steps["value"], guidance["value"]) == (30, 5.0)
 
 
-def test_choosing_faceid_greys_out_what_only_the_identitynet_uses():
-    *identitynet_only, s_scale = app._identity_switch("faceid-plusv2")
-    assert app.IDENTITYNET_ONLY == ("identitynet_strength", "enhance_non_face")
-    assert [u["interactive"] for u in identitynet_only] == [False, False] and s_scale["interactive"] is True
-    *identitynet_only, s_scale = app._identity_switch("instantid")
-    assert [u["interactive"] for u in identitynet_only] == [True, True] and s_scale["interactive"] is False
+def test_choosing_a_method_greys_out_what_its_registry_line_does_not_read():
+    assert app.METHOD_CONTROLS == ("identitynet_strength", "enhance_non_face", "s_scale", "combine")
+    assert [u["interactive"] for u in app._identity_switch("faceid-plusv2")] == [False, False, True, True]
+    assert [u["interactive"] for u in app._identity_switch("instantid")] == [True, True, False, True]
+    assert [u["interactive"] for u in app._identity_switch("pulid")] == [False, False, False, False]
 
 
 def test_live_previews_reach_the_page_while_the_image_forms(smoke_session, face_file):

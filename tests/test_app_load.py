@@ -137,7 +137,7 @@ def test_a_hundred_pictures_in_a_row_keep_the_servers_memory_flat_and_leave_no_t
         (folder,) = tmp_path.glob("instantid-app-*")  # gradio's uploads and pictures: the app's own folder
         assert any(path.is_file() for path in folder.rglob("*"))
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=180) == 0  # a loaded machine closes gradio slowly
+        assert _exit_code(server, tmp_path) == 0  # a loaded machine closes gradio slowly
         assert not folder.exists()
     finally:
         server.kill()
@@ -151,7 +151,7 @@ def test_the_app_stopped_with_sigterm_closes_and_removes_its_folder(tmp_path):
         until(lambda: _answers(f"http://127.0.0.1:{port}/"), seconds=180)
         (folder,) = tmp_path.glob("instantid-app-*")
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) in (0, 130)  # 130: it came while the app was still starting, as a Ctrl-C would
+        assert _exit_code(server, tmp_path, 60) in (0, 130)  # 130: it came while the app was still starting, as a Ctrl-C would
         assert not folder.exists()
     finally:
         server.kill()
@@ -167,10 +167,22 @@ def test_the_apps_temporary_files_are_swept_once_old(served, monkeypatch):
 
 
 def _command_line_app(port: int, tmp: Path) -> subprocess.Popen:
-    """`python -m instantid_colab app --smoke` on `port`, in a process of its own, its temporary folder under `tmp`."""
-    return subprocess.Popen([sys.executable, "-m", "instantid_colab", "app", "--smoke", "--no-share", "--port",
-                             str(port)], env=_server_environment(tmp), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    """`python -m instantid_colab app --smoke` on `port`, in a process of its own, its temporary folder under `tmp`;
+    its output in `tmp/server.log` (with faulthandler on: `_exit_code` dumps its threads when it does not close)."""
+    return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "instantid_colab", "app", "--smoke",
+                             "--no-share", "--port", str(port)], env=_server_environment(tmp),
+                            stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT)
+
+
+def _exit_code(server: subprocess.Popen, tmp: Path, seconds: float = 180) -> int:
+    """The server's exit code once it closes; when it does not within `seconds`, fails with where its threads wait."""
+    try:
+        return server.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        server.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+        server.wait(timeout=30)
+        pytest.fail(f"the server did not close within {seconds:g} s; its threads:\n"
+                    f"{(tmp / 'server.log').read_text(errors='replace')[-6000:]}")
 
 
 def _server_environment(tmp: Path) -> dict[str, str]:

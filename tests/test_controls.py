@@ -11,7 +11,7 @@ from PIL import Image
 
 from instantid_colab import controlnets, controls, memory, pipeline, smoke
 from instantid_colab.controls import Control
-from instantid_colab.identity import IdentityNet
+from instantid_colab.engines.instantid import IdentityNet
 from instantid_colab.settings import SettingsError
 
 SIZE = dict(width=128, height=128)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from instantid_colab import cli, people, pipeline, smoke
-from instantid_colab.identity import FaceRegion, FaceRegionIPAttnProcessor
+from instantid_colab.engines.instantid import FaceRegion, FaceRegionIPAttnProcessor
 from instantid_colab.people import Person, PeopleError
 from instantid_colab.settings import SettingsError
 from tests.latents import generate_with_latents, relative_difference

@@ -12,7 +12,7 @@ from PIL import Image
 
 from instantid_colab import loras, memory, pipeline, settings, smoke
 from instantid_colab.faces import NoFaceError
-from instantid_colab.identity import FaceRegion
+from instantid_colab.engines.instantid import FaceRegion
 from instantid_colab.png_metadata import save_png
 
 SIZE = dict(width=128, height=64, steps=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instantid_colab import cli, pipeline, smoke, speed
-from instantid_colab.identity import IdentityNet
+from instantid_colab.engines.instantid import IdentityNet
 from instantid_colab.settings import SettingsError
 from tests.latents import generate_with_latents
 

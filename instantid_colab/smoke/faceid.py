@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from instantid_colab.faceid import (
+from instantid_colab.engines.faceid import (
     ADAPTER_FILE, ADAPTER_REPO, IMAGE_ENCODER_DIR, IMAGE_ENCODER_REPO, IMAGE_PROJ, IP_ADAPTER, RECOGNISER_FILE,
     RECOGNISER_REPO, expected_shapes,
 )

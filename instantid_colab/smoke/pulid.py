@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from instantid_colab.eva_clip import HEAD_WIDTH, EVAVisionTower, RotaryEmbedding
-from instantid_colab.pulid import (
+from instantid_colab.engines.pulid import (
     ADAPTER_FILE, ADAPTER_REPO, EVA_FILE, EVA_REPO, ID_DIM, ID_FORMER, PARSER_REPO, expected_shapes,
 )
 

@@ -29,7 +29,7 @@ from torch import nn
 from instantid_colab import eva_clip
 from instantid_colab.adapter import AdapterError, _compare, problem_lines
 from instantid_colab.components import parameter_dtype
-from instantid_colab.faceid import _attention_shapes, set_processors, unet_processors
+from instantid_colab.engines.common import Conditioning, EngineCall, attention_shapes, set_processors, unet_processors
 
 NAME = "pulid"
 ADAPTER_REPO, ADAPTER_FILE = "guozinan/PuLID", "pulid_v1.1.safetensors"
@@ -163,7 +163,7 @@ def expected_shapes(config: dict[str, int], unet) -> dict[str, dict[str, tuple[i
         for index in (1, 4):
             former[f"{name}.{index}.weight"] = former[f"{name}.{index}.bias"] = (width,)
     layers = {}
-    for index, (width_q, kv_width, cross) in enumerate(_attention_shapes(unet)):
+    for index, (width_q, kv_width, cross) in enumerate(attention_shapes(unet)):
         if cross:
             layers[f"{index}.id_to_k.weight"] = layers[f"{index}.id_to_v.weight"] = (width_q, kv_width)
     return {ID_FORMER: former, ID_LAYERS: layers}
@@ -335,14 +335,17 @@ class PuLIDEngine:
                 module.to(home)
         return negative, positive
 
-    def conditioning(self, analyzer, photos: list, values: dict, *, do_cfg: bool, num: int, device,
-                     dtype: torch.dtype, unet, **_) -> tuple[dict, contextlib.AbstractContextManager]:
+    def conditioning(self, call: EngineCall) -> Conditioning:
         """The pipeline call's arguments (the ID tokens per image, negatives first, through cross_attention_kwargs
         as the official inference passes them) and the context that installs the ID layers for the call."""
-        negative, positive = self.id_tokens(analyzer, photos, device)
-        tokens = torch.cat([*([negative] * num if do_cfg else []), *([positive] * num)]).to(device, dtype)
-        return ({"cross_attention_kwargs": {"id_embedding": tokens, "id_scale": values["adapter_strength"]}},
-                self.installed(unet))
+        negative, positive = self.id_tokens(call.analyzer, call.photos, call.device)
+        tokens = torch.cat([*([negative] * call.num if call.do_cfg else []), *([positive] * call.num)])
+        arguments = {"cross_attention_kwargs": {"id_embedding": tokens.to(call.device, call.dtype),
+                                                "id_scale": call.values["adapter_strength"]}}
+        return Conditioning(arguments, self.installed(call.pipe.unet))
+
+    def release(self, pipe) -> None:
+        """Nothing of it is on the UNet between calls: its modules go with this engine."""
 
     @contextlib.contextmanager
     def installed(self, unet) -> Iterator[None]:

@@ -26,6 +26,10 @@ import torch
 from instantid_colab import library_messages
 from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, _is_safetensors, problem_lines
 from instantid_colab.components import parameter_dtype
+from instantid_colab.engines.common import (
+    Conditioning, EngineCall, attention_shapes, embedding_pair, per_image, set_processors, tokens_for_the_call,
+    unet_processors,
+)
 from instantid_colab.images import WORKING_SIDE
 
 NAME = "faceid-plusv2"
@@ -86,29 +90,6 @@ def read_state_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return loaded
 
 
-def unet_processors(unet) -> dict:
-    """The UNet's own attention processors by layer name, in `attn_processors` order (the order of the file's
-    numbered keys, as the official `ModuleList(attn_processors.values())` on a UNet without an adapter); not those
-    inside a loaded adapter's projection, which diffusers also lists."""
-    return {name: processor for name, processor in unet.attn_processors.items()
-            if not name.startswith("encoder_hid_proj.")}
-
-
-def set_processors(unet, processors: dict) -> None:
-    """Put these processors on their layers (the others untouched; `set_attn_processor` wants every layer)."""
-    for name, processor in processors.items():
-        unet.get_submodule(name.removesuffix(".processor")).set_processor(processor)
-
-
-def _attention_shapes(unet) -> list[tuple[int, int, bool]]:
-    """(width, key/value input width, is cross-attention) of every UNet attention layer, in file order."""
-    shapes = []
-    for name in unet_processors(unet):
-        attention = unet.get_submodule(name.removesuffix(".processor"))
-        shapes.append((attention.to_q.in_features, attention.to_k.in_features, name.endswith("attn2.processor")))
-    return shapes
-
-
 def expected_shapes(unet, clip_width: int, rank: int) -> dict[str, dict[str, tuple[int, ...]]]:
     """Every key and shape of a FaceID Plus file for this UNet, a CLIP encoder `clip_width` wide and LoRA `rank`."""
     dim = unet.config.cross_attention_dim
@@ -125,7 +106,7 @@ def expected_shapes(unet, clip_width: int, rank: int) -> dict[str, dict[str, tup
                           f"layers.{layer}.1.3.weight": (dim, 4 * dim)})
     image_proj.update({f"perceiver_resampler.{key}": shape for key, shape in resampler.items()})
     ip_adapter = {}
-    for index, (width, kv_width, cross) in enumerate(_attention_shapes(unet)):
+    for index, (width, kv_width, cross) in enumerate(attention_shapes(unet)):
         for part, source in (("q", width), ("k", kv_width), ("v", kv_width), ("out", width)):
             ip_adapter[f"{index}.to_{part}_lora.down.weight"] = (rank, source)
             ip_adapter[f"{index}.to_{part}_lora.up.weight"] = (width, rank)
@@ -237,32 +218,33 @@ class FaceIDEngine:
         finally:
             layer.clip_embeds = None
 
-    def conditioning(self, analyzer, photos: list, values: dict, *, do_cfg: bool, num: int, device, dtype: torch.dtype,
-                     unet, generator) -> tuple[dict, contextlib.AbstractContextManager]:
+    def conditioning(self, call: EngineCall) -> Conditioning:
         """The pipeline call's arguments (the ID embeddings, negatives first) and the context that installs this
         method's processors and its 4 tokens per image, computed once, for the call."""
-        from instantid_colab.identity import embedding_pair, per_image
-
-        pair = embedding_pair(self.id_embedding(analyzer, photos, values["combine"]), (1, 1, ID_DIM),
-                              values["negative_noise"], do_cfg, generator)
-        states = self.clip_states(self.face_crops(analyzer, photos), device, dtype)
-        tokens = self.tokens(per_image(pair, num), per_image(states if do_cfg else states[1:], num),
-                             values["identity_settings"]["s_scale"]).to(device)
-        return {"ip_adapter_image_embeds": [pair.to(dtype)]}, self._conditioned(unet, values["adapter_strength"], tokens)
+        values = call.values
+        pair = embedding_pair(self.id_embedding(call.analyzer, call.photos, values["combine"]), (1, 1, ID_DIM),
+                              values["negative_noise"], call.do_cfg, call.generator)
+        states = self.clip_states(self.face_crops(call.analyzer, call.photos), call.device, call.dtype)
+        tokens = self.tokens(per_image(pair, call.num), per_image(states if call.do_cfg else states[1:], call.num),
+                             values["s_scale"]).to(call.device)
+        for processor in self.ip_processors:
+            processor.scale = [values["adapter_strength"]]
+        return Conditioning({"ip_adapter_image_embeds": [pair.to(call.dtype)]},
+                            self._conditioned(call.pipe.unet, tokens))
 
     @contextlib.contextmanager
-    def _conditioned(self, unet, strength: float, tokens: torch.Tensor) -> Iterator[None]:
-        from instantid_colab.identity import face_conditioning
-
-        with self.installed(unet, strength), face_conditioning(unet, [], tokens, None):
+    def _conditioned(self, unet, tokens: torch.Tensor) -> Iterator[None]:
+        with self.installed(unet), tokens_for_the_call(unet, tokens):
             yield
 
+    def release(self, pipe) -> None:
+        """Take the file's LoRA off the UNet; the rest goes with this engine."""
+        pipe.delete_adapters(LORA_ADAPTER)
+
     @contextlib.contextmanager
-    def installed(self, unet, strength: float) -> Iterator[None]:
-        """This method's processors (at `strength`) and projection on `unet` for one call; InstantID's afterwards."""
+    def installed(self, unet) -> Iterator[None]:
+        """This method's processors and projection on `unet` for one call; InstantID's afterwards."""
         own_processors, own_projection = unet_processors(unet), unet.encoder_hid_proj
-        for processor in self.ip_processors:
-            processor.scale = [strength]
         set_processors(unet, self.processors)
         unet.encoder_hid_proj = self.projection
         try:

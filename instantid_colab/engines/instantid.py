@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
@@ -26,6 +26,10 @@ except ImportError:  # diffusers < 0.32 kept ControlNets in one module
     from diffusers.models.controlnet import ControlNetOutput
 
 from instantid_colab.components import parameter_dtype
+from instantid_colab.engines.common import (
+    Conditioning, ControlSlot, EngineCall, embedding_pair, per_image, tokens_for_the_call,
+)
+from instantid_colab.images import WORKING_SIDE
 
 
 class FaceRegion:
@@ -209,67 +213,76 @@ def use_face_region_processors(unet) -> list[FaceRegionIPAttnProcessor]:
     return ours
 
 
-class _FaceTokens(torch.nn.Module):
-    """Stands in for the Resampler during one call: the UNet would recompute the same 16 tokens every step."""
-
-    def __init__(self, tokens: torch.Tensor):
-        super().__init__()
-        self.tokens = tokens[:, None]  # [batch, 1 image, tokens, cross_dim], the Resampler's output layout
-
-    def forward(self, image_embeds) -> list[torch.Tensor]:
-        batch = image_embeds[0].shape[0]  # a step computed on the conditional half only gets its half
-        return [self.tokens[-batch:] if batch < self.tokens.shape[0] else self.tokens]
-
-
 @contextlib.contextmanager
 def face_conditioning(unet, processors: list[FaceRegionIPAttnProcessor], tokens: torch.Tensor,
                       region: FaceRegion | None) -> Iterator[None]:
     """For one pipeline call: the precomputed face tokens instead of the Resampler at every step, the face
     region (None: no gate) on `processors` (what use_face_region_processors returned), and their
     per-call key/value caches."""
-    resampler = unet.encoder_hid_proj
-    unet.encoder_hid_proj = _FaceTokens(tokens)
     for processor in processors:
         processor.region, processor.cache = region, {}
     try:
-        yield
+        with tokens_for_the_call(unet, tokens):
+            yield
     finally:
-        unet.encoder_hid_proj = resampler
         for processor in processors:
             processor.region, processor.cache = None, None
 
 
-def execution_device(pipe) -> torch.device:
-    """Where the pipeline computes (with offload hooks: the GPU, not where the weights wait).
-
-    diffusers answers by walking every module of every component; ask once, at load.
-    """
-    return getattr(pipe, "_execution_device", None) or pipe.device
-
-
-def face_tokens(pipe, embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
+def face_tokens(unet, embeds: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Resampler output [batch, tokens, cross_dim] on `device` for embeds [batch, 1, seq, 512] (diffusers' layout).
 
     Runs where the Resampler's weights are now (with offload hooks that is not the execution device;
     the official code breaks there), then moves the tokens to the execution device.
     """
-    projection = pipe.unet.encoder_hid_proj
+    projection = unet.encoder_hid_proj
     parameter = next(projection.parameters())
     with torch.no_grad():
         tokens = projection([embeds.to(device if parameter.is_meta else parameter.device, parameter.dtype)])[0]
     return tokens[:, 0].to(device)
 
 
-def embedding_pair(embedding, shape: tuple, negative_noise: float, do_cfg: bool, generator) -> torch.Tensor:
-    """(negative, positive) face embedding in `shape` (positive alone without CFG); the negative is zero, as the
-    official code's, or noise: ComfyUI_InstantID's "noise", which fights the burnt look of a zero negative."""
-    embeds = torch.as_tensor(np.asarray(embedding), dtype=torch.float32).reshape(shape)
-    negative = torch.zeros_like(embeds)
-    if negative_noise > 0:
-        negative = negative_noise * torch.randn(embeds.shape, generator=generator)
-    return torch.cat([negative, embeds]) if do_cfg else embeds
+@dataclass
+class InstantIDEngine:
+    """InstantID's modules, loaded with the pipeline: the IdentityNet (the pipeline's ControlNet), the Resampler
+    (the UNet's `encoder_hid_proj`) and the face-region IP processors (always on the UNet)."""
 
+    identitynet: IdentityNet
+    processors: list[FaceRegionIPAttnProcessor]
 
-def per_image(pair: torch.Tensor, num: int) -> torch.Tensor:
-    """Each half of a (negative, positive) batch repeated per image, negatives first (diffusers' layout)."""
-    return torch.cat([pair[i:i + 1].repeat(num, *[1] * (pair.dim() - 1)) for i in range(pair.shape[0])])
+    lora_adapters = None
+    photo_side = WORKING_SIDE
+
+    def conditioning(self, call: EngineCall) -> Conditioning:
+        """Each person's face tokens (computed once), their keypoint images through the IdentityNet, and the face
+        region gating both; the IP attention at the adapter strength."""
+        values, unet = call.values, call.pipe.unet
+        pairs = [embedding_pair(embedding, (1, 1, -1, 512), values["negative_noise"], call.do_cfg, call.generator)
+                 for embedding in call.cast.embeddings]  # per person: (negative, positive) embeddings
+        tokens = torch.cat([face_tokens(unet, per_image(pair, call.num), call.device) for pair in pairs],
+                           dim=1)  # per person face tokens [batch, 16, dim], person 0's first
+        region = None if call.cast.masks is None else FaceRegion(torch.from_numpy(call.cast.masks))
+        for processor in self.processors:  # what set_ip_adapter_scale does, without walking the UNet again
+            processor.scale = [values["adapter_strength"]]
+        kps_images, strength = call.cast.kps_images(), values["identitynet_strength"]
+        slots = ([ControlSlot(self.identitynet.person(index), image, strength) for index, image in enumerate(kps_images)]
+                 if call.several_people else [ControlSlot(self.identitynet, kps_images[0], strength)])
+        return Conditioning({"ip_adapter_image_embeds": [pairs[0].to(call.dtype)]},
+                            self._conditioned(unet, tokens, region), slots)
+
+    @contextlib.contextmanager
+    def _conditioned(self, unet, tokens: torch.Tensor, region: FaceRegion | None) -> Iterator[None]:
+        with self.identitynet.conditioned(tokens, region), face_conditioning(unet, self.processors, tokens, region):
+            yield
+
+    def describe(self, values: dict) -> dict:
+        return {}
+
+    def where(self) -> str:
+        return "instantid: IdentityNet and face adapter, loaded with the pipeline (the default)"
+
+    def to(self, device: str) -> None:
+        """Its layers are the pipeline's own (the memory plan places them)."""
+
+    def release(self, pipe) -> None:
+        """Never released: the pipeline is built on it."""
