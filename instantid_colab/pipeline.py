@@ -560,7 +560,7 @@ def generate(session: InstantIDSession, face_image=None, prompt: str = "", *, ne
         "height": height, "num_images": num_images, "enhance_non_face": enhance_non_face,
         "negative_noise": negative_noise, "combine": combine, "lcm": lcm, "init_image": init_image,
         "init_strength": init_strength, "identity": identity, "s_scale": s_scale, "pose_image": pose_image,
-        "several_people": bool(people),
+        "several_people": bool(people), "prompt": prompt,
     })
     controls, loras = check_controls(controls), check_loras(loras)
     interval, notices = speed_module.usable_interval(interval, checked["guidance_scale"], resolved["speed"])
@@ -668,7 +668,8 @@ def _denoise_and_decode(session: InstantIDSession, notices: list[str], *, prompt
     conditioning = engine.conditioning(EngineCall(
         pipe=pipe, analyzer=session.faces, photos=face_photos, cast=cast, several_people=as_people, values=values,
         do_cfg=do_cfg, num=num, device=session.device, dtype=parameter_dtype(pipe.unet), generator=generator,
-        text=text, prompt=prompt))
+        text=text, prompt=prompt, negative_prompt=negative_prompt,
+        encode=lambda positive, negative: _encode_prompt(pipe, session.device, positive, negative, do_cfg)))
     text = conditioning.text or text
     total = steps if init is None else min(int(steps * settings["init_image"]["strength"]), steps)
 

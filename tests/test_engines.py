@@ -160,3 +160,11 @@ def test_switching_methods_releases_the_others_when_host_ram_would_not_hold_both
     monkeypatch.setattr(psutil, "virtual_memory", lambda: roomy)
     pipeline.generate(session, face, "a portrait", identity="pulid", width=64, height=64, steps=2)
     assert set(session.engines) == {"instantid", "faceid-plusv2", "pulid"}  # room for both: both kept
+
+
+def test_a_method_with_a_trigger_word_refuses_a_prompt_without_it_exactly_once():
+    method = engines.Method("triggered", "x", "x", 0, (), prompt_word="img")
+    assert method.cannot({"prompt": "a photo of a man img, smiling"}) == []
+    for prompt, times in (("a photo of a man", 0), ("a man img in an imgur office", 2)):
+        (problem,) = method.cannot({"prompt": prompt})
+        assert problem.startswith("identity triggered needs its trigger word 'img' once") and f"{times} times" in problem

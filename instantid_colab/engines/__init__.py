@@ -56,10 +56,15 @@ class Method:
                             "norm_average, not concat")
         noise = values.get("negative_noise")
         if not self.negative_noise and isinstance(noise, (int, float)) and noise > 0:
-            problems.append(f"identity {self.name}'s negative is its ID encoder's answer to no face (the official "
-                            "one): negative_noise must be 0")
+            problems.append(f"identity {self.name} makes its own negative, as its official code does (no face "
+                            "embedding to add noise to): negative_noise must be 0")
         if values.get("refine_face") and not self.refine:
             problems.append(self.no_refine())
+        prompt = values.get("prompt")
+        if self.prompt_word and isinstance(prompt, str) and prompt.count(self.prompt_word) != 1:
+            problems.append(f"identity {self.name} needs its trigger word '{self.prompt_word}' once in the prompt, right "
+                            f"after the class word (\"a man {self.prompt_word}\", \"a woman {self.prompt_word}\"); "
+                            f"the prompt has it {prompt.count(self.prompt_word)} times")
         return problems
 
     def no_refine(self) -> str:

@@ -11,6 +11,7 @@ and `photo_side` (the largest side its face photos are opened at; None: whole).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ class EngineCall:
     generator: torch.Generator
     text: dict  # the prompt's embeddings (`prompt_embeds`, `pooled_prompt_embeds`, negatives), as encoded for the UNet
     prompt: str  # the styled prompt the embeddings were made from
+    negative_prompt: str
+    encode: Callable[[str, str], dict]  # (prompt, negative) -> embeddings as `text`, the pipeline's own encoding
 
 
 @dataclass
@@ -131,3 +134,25 @@ def embedding_pair(embedding, shape: tuple, negative_noise: float, do_cfg: bool,
 def per_image(pair: torch.Tensor, num: int) -> torch.Tensor:
     """Each half of a (negative, positive) batch repeated per image, negatives first (diffusers' layout)."""
     return torch.cat([pair[i:i + 1].repeat(num, *[1] * (pair.dim() - 1)) for i in range(pair.shape[0])])
+
+
+_PERCEIVER_PARTS = {"0.norm1": "ln0", "0.norm2": "ln1", "0.to_q": "attn.to_q", "0.to_out": "attn.to_out.0",
+                    "1.0": "ff.0", "1.1": "ff.1.net.0.proj", "1.3": "ff.1.net.2"}
+
+
+def perceiver_layers_to_diffusers(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """IP-Adapter's perceiver layer keys (`{prefix}layers.N.0.to_kv.weight`, ...), as the official IP-Adapter,
+    PuLID and PhotoMaker files name them, -> diffusers' IPAdapterPlusImageProjectionBlock names (the fused to_kv
+    split into to_k and to_v); every other key unchanged."""
+    mapped = {}
+    for key, value in tensors.items():
+        found = re.fullmatch(rf"{re.escape(prefix)}layers\.(\d+)\.(\d\.\w+)\.(weight|bias)", key)
+        if found is None:
+            mapped[key] = value
+            continue
+        layer = f"{prefix}layers.{found.group(1)}"
+        if found.group(2) == "0.to_kv":
+            mapped[f"{layer}.attn.to_k.weight"], mapped[f"{layer}.attn.to_v.weight"] = value.chunk(2, dim=0)
+        else:
+            mapped[f"{layer}.{_PERCEIVER_PARTS.get(found.group(2), found.group(2))}.{found.group(3)}"] = value
+    return mapped

@@ -16,7 +16,6 @@ k-diffusion loops. The rest is restated and compared with the official code in t
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +28,9 @@ from torch import nn
 from instantid_colab import eva_clip
 from instantid_colab.adapter import AdapterError, _compare, problem_lines
 from instantid_colab.components import parameter_dtype
-from instantid_colab.engines.common import Conditioning, EngineCall, attention_shapes, set_processors, unet_processors
+from instantid_colab.engines.common import (
+    Conditioning, EngineCall, attention_shapes, perceiver_layers_to_diffusers, set_processors, unet_processors,
+)
 
 NAME = "pulid"
 ADAPTER_REPO, ADAPTER_FILE = "guozinan/PuLID", "pulid_v1.1.safetensors"
@@ -106,24 +107,9 @@ class IDFormer(nn.Module):
         return latents[:, :self.num_queries] @ self.proj_out
 
 
-_LAYER_PARTS = {"0.norm1": "ln0", "0.norm2": "ln1", "0.to_q": "attn.to_q", "0.to_out": "attn.to_out.0",
-                "1.0": "ff.0", "1.1": "ff.1.net.0.proj", "1.3": "ff.1.net.2"}
-
-
 def id_former_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file's IDFormer keys -> ours (timm style, one filter): its perceiver layers as diffusers' blocks name
-    them, the fused to_kv split into to_k and to_v."""
-    mapped = {}
-    for key, value in tensors.items():
-        found = re.fullmatch(r"layers\.(\d+)\.(\d\.\w+)\.(weight|bias)", key)
-        if found is None:
-            mapped[key] = value
-        elif found.group(2) == "0.to_kv":
-            mapped[f"layers.{found.group(1)}.attn.to_k.weight"], mapped[f"layers.{found.group(1)}.attn.to_v.weight"] = \
-                value.chunk(2, dim=0)
-        else:
-            mapped[f"layers.{found.group(1)}.{_LAYER_PARTS.get(found.group(2), found.group(2))}.{found.group(3)}"] = value
-    return mapped
+    """The file's IDFormer keys -> ours (timm style, one filter): its perceiver layers as diffusers' blocks name them."""
+    return perceiver_layers_to_diffusers(tensors)
 
 
 def config_of(id_former: dict[str, torch.Tensor], output_dim: int, vit_width: int, eva_embed: int) -> dict[str, int]:
