@@ -563,7 +563,7 @@ def identity_outlook(plan: MemoryPlan) -> dict[str, str]:
     where = "the GPU" if plan.placement == "gpu" else "the CPU, moving with the UNet" if plan.placement == \
         "model_offload" else "the CPU"
     for name, method in engines.METHODS.items():
-        if not method.layers_gib:
+        if not method.download_gb:
             outlook[name] = f"{method.title}, loaded with the pipeline (the default)"
         elif plan.placement in STREAMED_PLACEMENTS and not method.streamed:
             outlook[name] = (f"not available under {plan.placement} (the UNet streams in blocks; its layers would not "

@@ -168,3 +168,11 @@ def test_a_method_with_a_trigger_word_refuses_a_prompt_without_it_exactly_once()
     for prompt, times in (("a photo of a man", 0), ("a man img in an imgur office", 2)):
         (problem,) = method.cannot({"prompt": prompt})
         assert problem.startswith("identity triggered needs its trigger word 'img' once") and f"{times} times" in problem
+
+
+def test_a_benchmark_prompt_is_given_a_methods_trigger_word_and_scored_without_it():
+    method = engines.Method("triggered", "x", "x", 0, (), prompt_word="img")
+    assert method.prompt_for("photo of a person in a red jacket") == "photo of a person img in a red jacket"
+    assert method.prompt_for("portrait, color, cinematic") == "a person img, portrait, color, cinematic"
+    assert method.prompt_for("a man img, smiling") == "a man img, smiling"
+    assert engines.method("instantid").prompt_for("portrait, color") == "portrait, color"

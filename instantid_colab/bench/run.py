@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from instantid_colab import batch
+from instantid_colab import batch, engines
 from instantid_colab.bench.grid import Configuration, parse_grid
 from instantid_colab.bench.judges import NAMES, Judges, copy_paste, cosine, load_judges
 from instantid_colab.bench.prompts import Prompt, load_prompts
@@ -108,9 +108,11 @@ def plan_smoke_people(out: str | Path, prompts: str = "builtin", grid: str | Non
 
 
 def _raw(person: BenchPerson, prompt: str, seed: int, configuration: Configuration) -> dict[str, Any]:
-    """The manifest row of one image: the person's photos (all but the held-out one), the prompt, the seed."""
+    """The manifest row of one image: the person's photos (all but the held-out one), the prompt as the setting's
+    method reads it (`Method.prompt_for`: a trigger word where the method needs one), the seed."""
+    method = engines.METHODS.get(configuration.values.get("identity") or engines.DEFAULT)
     return {"face": str(person.references[0]), "extra_faces": [str(path) for path in person.references[1:]],
-            "prompt": prompt, "seed": seed, **configuration.values}
+            "prompt": method.prompt_for(prompt) if method else prompt, "seed": seed, **configuration.values}
 
 
 def _check(configurations: list[Configuration], person: BenchPerson, smoke: bool,
@@ -234,9 +236,9 @@ def run(session, bench: BenchPlan, out: str | Path, process: int = 0, processes:
     (out / CALIBRATION).write_text(json.dumps(calibration(bench, targets), indent=1) + "\n", encoding="utf-8")
     loaded: set[str] = set()
 
-    def scored(row: batch.Row, result) -> dict[str, Any]:
+    def scored(row: batch.Row, result) -> dict[str, Any]:  # the bench's prompt, the same text for every method
         return measure(session, judges, targets[row.record["person"]], result.images[0],
-                       result.settings["user_prompt"])
+                       bench.prompts[row.record["prompt"] - 1].text)
 
     def first_of_its_setting(row: batch.Row) -> None:
         """Before a setting's first row here: load what it needs (identity method, LoRAs, ControlNets) on a

@@ -9,6 +9,7 @@ only when the method is first used, and implements one interface (`conditioning(
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Settings that only some methods read; a method's `reads` names those it does. The others are said to be unused
@@ -66,6 +67,17 @@ class Method:
                             f"after the class word (\"a man {self.prompt_word}\", \"a woman {self.prompt_word}\"); "
                             f"the prompt has it {prompt.count(self.prompt_word)} times")
         return problems
+
+    def prompt_for(self, prompt: str) -> str:
+        """A prompt written for every method (a benchmark's) as this method reads it: its trigger word after the
+        first "person" (the class word the built-in prompts use), or "a person <word>, " before a prompt without
+        one. Unchanged for a method without a trigger word, or a prompt that has it."""
+        if not self.prompt_word or self.prompt_word in prompt:
+            return prompt
+        found = re.search(r"\bperson\b", prompt)
+        if found is None:
+            return f"a person {self.prompt_word}, {prompt}"
+        return f"{prompt[:found.end()]} {self.prompt_word}{prompt[found.end():]}"
 
     def no_refine(self) -> str:
         return (f"refine_face repaints faces through InstantID's IdentityNet: it is not available with identity "
