@@ -171,7 +171,14 @@ def _command_line_app(port: int, tmp: Path) -> subprocess.Popen:
     its output in `tmp/server.log` (with faulthandler on: `_exit_code` dumps its threads when it does not close)."""
     return subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "instantid_colab", "app", "--smoke",
                              "--no-share", "--port", str(port)], env=_server_environment(tmp),
-                            stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT)
+                            stdout=(tmp / "server.log").open("wb"), stderr=subprocess.STDOUT,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
+
+
+def _ctrl_c_as_at_a_terminal() -> None:
+    """SIGINT back to its default in the server: a shell that runs this suite in the background (`... &`) makes its
+    children ignore SIGINT, and Python keeps an ignored SIGINT ignored, so the Ctrl-C below would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _exit_code(server: subprocess.Popen, tmp: Path, seconds: float = 180) -> int:
