@@ -30,21 +30,23 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from instantid_colab.engines import IDENTITIES  # noqa: E402
 
 def prepare(root: Path) -> None:
-    """Each method's files at their real sizes for the full-size UNet (shapes read from a UNet without memory)."""
-    import torch
+    """Each method's files at their real sizes for the full-size UNet (shapes read from a UNet without memory): its
+    smoke module's `write_full_size` (`instantid_colab.smoke.<method module>`)."""
+    import importlib
+
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from instantid_colab.smoke.faceid import VIT_H, write_faceid
-    from instantid_colab.smoke.pulid import FULL_EVA, FULL_FORMER, FULL_PARSER, write_pulid
+    from instantid_colab import engines
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(root / "base"), subfolder="unet"))
-    for name, write in (("faceid", lambda: write_faceid(root, unet, VIT_H, rank=128, dtype=torch.float16)),
-                        ("pulid", lambda: write_pulid(root, unet, FULL_EVA, FULL_FORMER, FULL_PARSER, torch.float16))):
-        if not (root / "identity" / f"{name}.done").is_file():
-            write()
-            (root / "identity" / f"{name}.done").write_text("")
+    for name in ARGS.methods.split(","):
+        method = engines.method(name)
+        done = root / "identity" / f"{name}.done"
+        if method.download_gb and not done.is_file():
+            importlib.import_module(method.module.replace(".engines.", ".smoke.")).write_full_size(root, unet)
+            done.write_text("")
 
 
 def measure(speed: str) -> dict:
@@ -53,7 +55,7 @@ def measure(speed: str) -> dict:
 
     from bench_generate import T4_RAM_GIB, T4_VRAM_GIB
     from bench_speed import _enter_speed, _weights
-    from instantid_colab import memory, pipeline, smoke
+    from instantid_colab import engines, memory, pipeline, smoke
 
     _enter_speed(speed)
     plan = memory.choose_plan(T4_RAM_GIB, T4_VRAM_GIB)
@@ -68,8 +70,8 @@ def measure(speed: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        pipeline.generate(session, photo, "a portrait photo of a person in a garden", identity=identity, steps=steps,
-                          width=1024, height=1024, seed=1)
+        pipeline.generate(session, photo, engines.method(identity).prompt_for("a portrait photo of a person in a garden"),
+                          identity=identity, steps=steps, width=1024, height=1024, seed=1)
         torch.cuda.synchronize()
         return time.perf_counter() - started, torch.cuda.max_memory_allocated() / 2**30
 

@@ -54,3 +54,8 @@ def write_faceid(root: Path, unet, vision: dict = TINY_VISION, rank: int = 4, dt
     recogniser = folder / RECOGNISER_REPO.replace("/", "--") / RECOGNISER_FILE
     recogniser.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(recogniser_model(seed=5), str(recogniser))
+
+
+def write_full_size(root: Path, unet) -> None:
+    """The files at the real sizes (CLIP ViT-H/14, the LoRA at rank 128), fp16, for the GPU benchmarks."""
+    write_faceid(root, unet, VIT_H, rank=128, dtype=torch.float16)

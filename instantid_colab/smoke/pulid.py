@@ -91,3 +91,8 @@ def write_pulid(root: Path, unet, eva: dict = TINY_EVA, former: dict = TINY_FORM
                                                              label2id={v: k for k, v in labels.items()}))
     randomise(model, seed=23, gain=1.0).to(dtype).save_pretrained(folder / PARSER_REPO.replace("/", "--"))
 
+
+
+def write_full_size(root: Path, unet) -> None:
+    """The files at the real sizes (EVA02-CLIP-L-14-336, the IDFormer, SegFormer-B5), fp16, for the GPU benchmarks."""
+    write_pulid(root, unet, FULL_EVA, FULL_FORMER, FULL_PARSER, torch.float16)
