@@ -102,6 +102,44 @@ class _Tokens(torch.nn.Module):
 
 
 @contextlib.contextmanager
+def layers_for_the_call(unet, processors: dict, projection) -> Iterator[None]:
+    """A method's attention processors (by layer name; the others untouched) and projection (None: none) on `unet`
+    for one call; the ones it had (InstantID's) back afterwards."""
+    own_processors, own_projection = unet_processors(unet), unet.encoder_hid_proj
+    set_processors(unet, processors)
+    unet.encoder_hid_proj = projection
+    try:
+        yield
+    finally:
+        set_processors(unet, own_processors)
+        unet.encoder_hid_proj = own_projection
+
+
+def read_two_groups(path, groups: tuple[str, str], expected_file: str) -> dict[str, dict]:
+    """A method file's two groups of tensors (`{group: {key: tensor}}`) from the official pickle (weights_only) or
+    a safetensors copy (keys `group.key`); AdapterError naming what was found when the pickle holds other groups."""
+    import zipfile
+
+    from instantid_colab.adapter import AdapterError, _is_safetensors
+
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        found: dict[str, dict] = {group: {} for group in groups}
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                group, _, rest = key.partition(".")
+                found.setdefault(group, {})[rest] = handle.get_tensor(key)
+        return found
+    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    if not isinstance(loaded, dict) or set(loaded) != set(groups):
+        keys = list(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
+        raise AdapterError(f"{path}: expected the groups {' and '.join(groups)}, found {keys}. This is not "
+                           f"{expected_file}; download it again (download --force {path}).")
+    return loaded
+
+
+@contextlib.contextmanager
 def tokens_for_the_call(unet, tokens: torch.Tensor) -> Iterator[None]:
     """For one pipeline call, the precomputed tokens [batch, tokens, cross_dim] where the UNet would ask its
     projection (`encoder_hid_proj`) at every step."""

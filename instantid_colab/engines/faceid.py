@@ -15,7 +15,6 @@ ID embedding from the buffalo_l recogniser, and the CLIP states computed once pe
 from __future__ import annotations
 
 import contextlib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,11 +23,11 @@ import numpy as np
 import torch
 
 from instantid_colab import library_messages
-from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, _is_safetensors, problem_lines
+from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, problem_lines
 from instantid_colab.components import parameter_dtype
 from instantid_colab.engines.common import (
-    Conditioning, EngineCall, attention_shapes, embedding_pair, per_image, set_processors, tokens_for_the_call,
-    unet_processors,
+    Conditioning, EngineCall, attention_shapes, embedding_pair, layers_for_the_call, per_image, read_two_groups,
+    set_processors, tokens_for_the_call, unet_processors,
 )
 from instantid_colab.images import WORKING_SIDE
 
@@ -73,21 +72,7 @@ def ensure_files(weights, *, downloader=None, progress: bool = True, offline: bo
 
 def read_state_dict(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """`{"image_proj": ..., "ip_adapter": ...}` from the official pickle (weights_only) or a safetensors copy."""
-    if _is_safetensors(path):
-        from safetensors import safe_open
-
-        groups: dict[str, dict[str, torch.Tensor]] = {IMAGE_PROJ: {}, IP_ADAPTER: {}}
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                group, _, rest = key.partition(".")
-                groups.setdefault(group, {})[rest] = handle.get_tensor(key)
-        return groups
-    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    if not isinstance(loaded, dict) or set(loaded) != {IMAGE_PROJ, IP_ADAPTER}:
-        keys = list(loaded)[:5] if isinstance(loaded, dict) else type(loaded).__name__
-        raise AdapterError(f"{path}: expected the groups image_proj and ip_adapter, found {keys}. This is not "
-                           f"{ADAPTER_REPO} {ADAPTER_FILE}; download it again (download --force {path}).")
-    return loaded
+    return read_two_groups(path, (IMAGE_PROJ, IP_ADAPTER), f"{ADAPTER_REPO} {ADAPTER_FILE}")
 
 
 def expected_shapes(unet, clip_width: int, rank: int) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -244,14 +229,8 @@ class FaceIDEngine:
     @contextlib.contextmanager
     def installed(self, unet) -> Iterator[None]:
         """This method's processors and projection on `unet` for one call; InstantID's afterwards."""
-        own_processors, own_projection = unet_processors(unet), unet.encoder_hid_proj
-        set_processors(unet, self.processors)
-        unet.encoder_hid_proj = self.projection
-        try:
+        with layers_for_the_call(unet, self.processors, self.projection):
             yield
-        finally:
-            set_processors(unet, own_processors)
-            unet.encoder_hid_proj = own_projection
 
 
 def load(pipe, files: FaceIDFiles, recogniser_device: str = "cpu") -> FaceIDEngine:

@@ -29,7 +29,7 @@ from instantid_colab import eva_clip
 from instantid_colab.adapter import AdapterError, _compare, problem_lines
 from instantid_colab.components import parameter_dtype
 from instantid_colab.engines.common import (
-    Conditioning, EngineCall, attention_shapes, perceiver_layers_to_diffusers, set_processors, unet_processors,
+    Conditioning, EngineCall, attention_shapes, layers_for_the_call, perceiver_layers_to_diffusers, unet_processors,
 )
 
 NAME = "pulid"
@@ -337,15 +337,11 @@ class PuLIDEngine:
     def installed(self, unet) -> Iterator[None]:
         """This method's processors on `unet` for one call, InstantID's projection off; InstantID's afterwards,
         and the ID layers back where they waited (an offload hook moves them with the UNet)."""
-        own_processors, own_projection = unet_processors(unet), unet.encoder_hid_proj
         home = next(self.id_layers[0].parameters()).device
-        set_processors(unet, self.processors)
-        unet.encoder_hid_proj = None
         try:
-            yield
+            with layers_for_the_call(unet, self.processors, None):
+                yield
         finally:
-            set_processors(unet, own_processors)
-            unet.encoder_hid_proj = own_projection
             self.to(home)
 
 
