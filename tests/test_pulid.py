@@ -18,7 +18,6 @@ sampler (PuLID's own k-diffusion loops are not restated: both sides step the sam
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import cv2
 import numpy as np
@@ -34,6 +33,7 @@ from instantid_colab.engines import pulid
 from instantid_colab.adapter import AdapterError
 from instantid_colab.settings import SettingsError
 from tests.latents import generate_with_latents, relative_difference
+from tests.official_perceiver import FeedForward, PerceiverAttention
 from tests.pictures import picture
 from tests.test_official_equivalence import block_hidden_size
 
@@ -145,39 +145,6 @@ class EVAVisionTransformer(nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # pulid/encoders_transformer.py (sizes as arguments: the official hard-codes 1024, 1280 and 1024)
-
-
-def FeedForward(dim, mult=4):
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, int(dim * mult), bias=False), nn.GELU(),
-                         nn.Linear(int(dim * mult), dim, bias=False))
-
-
-def reshape_tensor(x, heads):
-    bs, length, width = x.shape
-    return x.view(bs, length, heads, -1).transpose(1, 2).reshape(bs, heads, length, -1)
-
-
-class PerceiverAttention(nn.Module):
-    def __init__(self, *, dim, dim_head=64, heads=8):
-        super().__init__()
-        self.dim_head, self.heads = dim_head, heads
-        inner_dim = dim_head * heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner_dim, bias=False)
-        self.to_kv = nn.Linear(dim, inner_dim * 2, bias=False)
-        self.to_out = nn.Linear(inner_dim, dim, bias=False)
-
-    def forward(self, x, latents):
-        x, latents = self.norm1(x), self.norm2(latents)
-        b, seq_len, _ = latents.shape
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
-        q, k, v = (reshape_tensor(t, self.heads) for t in (q, k, v))
-        scale = 1 / math.sqrt(math.sqrt(self.dim_head))
-        weight = (q * scale) @ (k * scale).transpose(-2, -1)
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        out = (weight @ v).permute(0, 2, 1, 3).reshape(b, seq_len, -1)
-        return self.to_out(out)
 
 
 class OfficialIDFormer(nn.Module):

@@ -194,3 +194,21 @@ def perceiver_layers_to_diffusers(tensors: dict[str, torch.Tensor], prefix: str 
         else:
             mapped[f"{layer}.{_PERCEIVER_PARTS.get(found.group(2), found.group(2))}.{found.group(3)}"] = value
     return mapped
+
+
+def load_recogniser(path, device: str, source: str):
+    """insightface's ArcFace recogniser from an ONNX file, on the CUDA provider where `device` is "cuda";
+    AdapterError when insightface does not read the file as one (`source`: "REPO FILE", to fetch it again)."""
+    from insightface.model_zoo import model_zoo
+
+    from instantid_colab.adapter import AdapterError
+    from instantid_colab.weights import reading
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    with reading("the buffalo_l recogniser", path):
+        recogniser = model_zoo.get_model(str(path), providers=providers)
+    if recogniser is None or getattr(recogniser, "taskname", None) != "recognition":
+        raise AdapterError(f"{path}: insightface does not read it as a face recogniser; download {source} again "
+                           f"(download --force {path}).")
+    recogniser.prepare(ctx_id=0 if device == "cuda" else -1)
+    return recogniser

@@ -26,7 +26,7 @@ from instantid_colab import library_messages
 from instantid_colab.adapter import IMAGE_PROJ, IP_ADAPTER, AdapterError, _compare, problem_lines
 from instantid_colab.components import parameter_dtype
 from instantid_colab.engines.common import (
-    Conditioning, EngineCall, attention_shapes, embedding_pair, layers_for_the_call, per_image, read_two_groups,
+    Conditioning, EngineCall, attention_shapes, embedding_pair, layers_for_the_call, load_recogniser, per_image, read_two_groups,
     set_processors, tokens_for_the_call, unet_processors,
 )
 from instantid_colab.images import WORKING_SIDE
@@ -235,7 +235,6 @@ class FaceIDEngine:
 
 def load(pipe, files: FaceIDFiles, recogniser_device: str = "cpu") -> FaceIDEngine:
     """Load the file through diffusers onto `pipe.unet` (checked first), keep its modules, give InstantID's back."""
-    from insightface.model_zoo import model_zoo
     from transformers import CLIPVisionModelWithProjection
 
     from instantid_colab.components import load as load_component, pil_image_processor
@@ -256,13 +255,7 @@ def load(pipe, files: FaceIDFiles, recogniser_device: str = "cpu") -> FaceIDEngi
     engine_processors, projection = unet_processors(unet), unet.encoder_hid_proj
     set_processors(unet, own_processors)
     unet.encoder_hid_proj = own_projection
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if recogniser_device == "cuda" else ["CPUExecutionProvider"]
-    with reading("the buffalo_l recogniser", files.recogniser):
-        recogniser = model_zoo.get_model(str(files.recogniser), providers=providers)
-    if recogniser is None or getattr(recogniser, "taskname", None) != "recognition":
-        raise AdapterError(f"{files.recogniser}: insightface does not read it as a face recogniser; download "
-                           f"{RECOGNISER_REPO} {RECOGNISER_FILE} again (download --force {files.recogniser}).")
-    recogniser.prepare(ctx_id=0 if recogniser_device == "cuda" else -1)
+    recogniser = load_recogniser(files.recogniser, recogniser_device, f"{RECOGNISER_REPO} {RECOGNISER_FILE}")
     return FaceIDEngine(processors=engine_processors, projection=projection, image_encoder=image_encoder,
                         feature_extractor=pil_image_processor("CLIPImageProcessor")(size=CROP_SIDE, crop_size=CROP_SIDE),
                         recogniser=recogniser, files=files)
