@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from instantid_colab import environment
+from instantid_colab import engines, environment
 from instantid_colab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ def test_doctor_json_is_one_object_with_the_plan_and_the_controls_outlook():
                           capture_output=True, text=True, check=False)
     data = json.loads(done.stdout)
     assert set(data) == {"environment", "memory", "plan", "controls", "identity_methods", "colab_image"}
-    assert list(data["identity_methods"]) == ["instantid", "faceid-plusv2", "pulid"]
+    assert list(data["identity_methods"]) == list(engines.METHODS)  # every method in the registry, in its order
     assert all(note["severity"] == "note" for note in data["environment"]["notes"])
     assert list(data["controls"]) == ["+pose", "+pose+canny+depth"]
     if not data["environment"]["cuda_available"]:

@@ -403,3 +403,13 @@ def test_05_identity_benchmark_runs_in_smoke_mode(workdir: Path, monkeypatch: py
     with Image.open(out / "likeness_vs_prompt.png") as written:
         assert plot.size == written.size
     assert sheet.size[0] == 7 * 256
+
+
+def test_notebook_03s_identity_choices_are_the_registrys():
+    import re
+
+    from instantid_colab import engines
+
+    source = "".join(cell["source"] for cell in nbformat.read(NOTEBOOK_DIR / "03_generate.ipynb", as_version=4).cells)
+    (choices,) = re.findall(r'IDENTITY = "\w+"  #@param (\[.*\])', source)
+    assert json.loads(choices) == list(engines.METHODS)

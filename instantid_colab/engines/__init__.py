@@ -103,6 +103,10 @@ register(Method("faceid-plusv2", "instantid_colab.engines.faceid", "IP-Adapter F
 register(Method("pulid", "instantid_colab.engines.pulid", "PuLID v1.1", 2, (), negative_noise=False,
                 layers_gib=0.63, encoders_gib=1.01, encoders="EVA02-CLIP-L, IDFormer and parser",
                 note="its ID scale is the adapter strength"))
+register(Method("photomaker-v2", "instantid_colab.engines.photomaker", "PhotoMaker V2", 2, (), negative_noise=False,
+                prompt_word="img", layers_gib=0.17, encoders_gib=1.01, encoders="CLIP ViT-L/14, Q-Former and fuse MLP",
+                note="write the class word and 'img' in the prompt, e.g. 'a woman img'; the adapter strength is "
+                     "1 - its style strength"))
 
 DEFAULT = "instantid"
 IDENTITIES = tuple(METHODS)  # the first is the default

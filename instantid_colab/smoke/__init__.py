@@ -13,7 +13,7 @@ from pathlib import Path
 
 from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root, model_folder
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 8  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 9  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -141,6 +141,7 @@ def _write_smoke_weights(root: Path, paths: WeightPaths) -> None:
     from instantid_colab.smoke.diffusion import TINY, write_base, write_identitynet
     from instantid_colab.smoke.faceid import write_faceid
     from instantid_colab.smoke.faces import write_smoke_face_models
+    from instantid_colab.smoke.photomaker import write_photomaker
     from instantid_colab.smoke.pulid import write_pulid
 
     unet = write_base(Path(paths.base), TINY)
@@ -153,6 +154,7 @@ def _write_smoke_weights(root: Path, paths: WeightPaths) -> None:
     write_smoke_judges(paths)
     write_faceid(root, unet)
     write_pulid(root, unet)
+    write_photomaker(root, unet)
     face_dir = write_smoke_face_models(paths.face_root, name="antelopev2")
     assert Path(face_dir).resolve() == (paths.face_root / ANTELOPEV2_DIR).resolve(), face_dir
 
