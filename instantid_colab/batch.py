@@ -373,11 +373,13 @@ class BatchReport:
     seconds: float
     out: Path
     sheet: Path | None = None  # the contact sheet, when one was written
+    retried: int = 0  # rows given to another worker after theirs died (`cluster`)
 
     def render(self) -> str:
         rate = f", {self.made / self.seconds:.2f} rows/s" if self.made and self.seconds else ""
         sheet = f"; contact sheet: {self.sheet}" if self.sheet else ""
-        return (f"{self.rows} rows: {self.made} made here, {self.skipped} already done, {self.failed} failed"
+        retried = f", {self.retried} given to another worker after theirs died" if self.retried else ""
+        return (f"{self.rows} rows: {self.made} made here, {self.skipped} already done, {self.failed} failed{retried}"
                 f" ({self.seconds:.1f} s{rate}). Results: {self.out / RESULTS}{sheet}")
 
 
@@ -393,15 +395,10 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
     """
     from tqdm.auto import tqdm
 
-    from instantid_colab import pipeline, refine
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     claims = Claims(out)
-    device = str(session.device)
-    ours = {row.key for row in rows}
-    taken = {file for key, line in latest(results(out)).items() if key not in ours and line.get("status") == "done"
-             for file in line.get("files") or ()}  # another manifest's pictures in this folder: kept
+    taken = pictures_of_others(out, rows)
     already = len({row.key for row in rows} & done_keys(out))
     todo = len(rows) - already
     bar = tqdm(total=-(-todo // processes), desc=f"{desc} (GPU {process})" if processes > 1 else desc,
@@ -414,35 +411,16 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
         while (row := claims.take(rows)) is not None:
             if before_row is not None:
                 before_row(row)
-            row_started = time.perf_counter()
-            peak = _PeakVram(session.device)
-            line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "run": claims.run,
-                                    "process": process, "pid": os.getpid(), "device": device}
-            try:
-                result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
-                if row.values.get("refine_face"):
-                    refine.refine_faces(session, result, row.values["refine_face"], face_image=row.values["face_image"],
-                                        extra_face_images=row.values["extra_face_images"],
-                                        people=row.values.get("people", ()))
-            except (ValueError, MemoryError) as error:  # a face not found, a bad LoRA, ...
-                line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
+            line, result = make_row(session, row, run=claims.run, process=process, measure=measure)
+            bar.update()
+            if result is None:
                 claims.finish(row, line)
                 failed += 1
-                bar.update()
                 continue
-            line.update(status="done", seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
-                        **peak.measured(),
-                        identity_similarity=[likeness.similarity for likeness in result.likeness],
-                        people_similarity=[[score.similarity for score in scores] for scores in result.people_likeness],
-                        notices=result.notices,
-                        settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
-            if measure is not None:
-                line.update(measure(row, result))
             if writing is not None:
                 writing.result()  # at most one row waits to be written
-            writing = writer.submit(_write, claims, row, line, result.images, out, taken)
+            writing = writer.submit(write_row, claims, row, line, result.images, out, taken)
             made += 1
-            bar.update()
             if on_row is not None:
                 on_row(row, result)
         if writing is not None:
@@ -453,6 +431,43 @@ def run(session, rows: list[Row], out: str | Path, process: int = 0, processes: 
         with claims.locked():
             written = contact_sheet(out, rows, session.label)
     return BatchReport(len(rows), made, already, failed, time.perf_counter() - started, out, written)
+
+
+def pictures_of_others(out: Path, rows: list[Row]) -> set[str]:
+    """The picture files of rows of another manifest in this folder: kept (a row of ours does not take their names)."""
+    ours = {row.key for row in rows}
+    return {file for key, line in latest(results(out)).items() if key not in ours and line.get("status") == "done"
+            for file in line.get("files") or ()}
+
+
+def make_row(session, row: Row, *, run: str, process: int = 0,
+             measure: Callable[[Row, Any], dict[str, Any]] | None = None) -> tuple[dict[str, Any], Any]:
+    """One row made: its results line (without its files) and the GenerationResult, or (the line with the reason,
+    None) when the row fails for its input (a face not found, a LoRA that does not fit, ...). The same in one
+    process, under accelerate and in a Ray worker (`cluster`)."""
+    from instantid_colab import pipeline, refine
+
+    row_started = time.perf_counter()
+    peak = _PeakVram(session.device)
+    line: dict[str, Any] = {"key": row.key, "row": row.number, "asked": row.record, "run": run, "process": process,
+                            "pid": os.getpid(), "device": str(session.device)}
+    try:
+        result = pipeline.generate(session, row.values["face_image"], **_keywords(row.values))
+        if row.values.get("refine_face"):
+            refine.refine_faces(session, result, row.values["refine_face"], face_image=row.values["face_image"],
+                                extra_face_images=row.values["extra_face_images"], people=row.values.get("people", ()))
+    except (ValueError, MemoryError) as error:
+        line.update(status="failed", error=str(error), seconds=round(time.perf_counter() - row_started, 2))
+        return line, None
+    line.update(status="done", seed=result.seed, seconds=round(time.perf_counter() - row_started, 2),
+                **peak.measured(),
+                identity_similarity=[likeness.similarity for likeness in result.likeness],
+                people_similarity=[[score.similarity for score in scores] for scores in result.people_likeness],
+                notices=result.notices,
+                settings={k: v for k, v in result.settings.items() if k not in ("prompt", "negative_prompt")})
+    if measure is not None:
+        line.update(measure(row, result))
+    return line, result
 
 
 class _PeakVram:
@@ -474,17 +489,24 @@ class _PeakVram:
         return {"peak_vram_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
 
 
-def _write(claims: Claims, row: Row, line: dict[str, Any], images: list, out: Path, taken: set[str]) -> None:
-    """The row's PNGs, then its results line (a row is done only once its pictures are on disk). A name that another
-    row's picture already has in this folder (an earlier manifest's) gets the row's key: that picture stays."""
+def write_row(claims: Claims, row: Row, line: dict[str, Any], pictures: list, out: Path, taken: set[str]) -> None:
+    """The row's PNGs (images, or PNG bytes a Ray worker made), then its results line (a row is done only once its
+    pictures are on disk). A name that another row's picture already has in this folder (an earlier manifest's)
+    gets the row's key: that picture stays."""
     from instantid_colab.png_metadata import save_png
 
     files = []
-    for index, image in enumerate(images):
-        name = f"{row.name}{f'-{index}' if len(images) > 1 else ''}"
+    for index, picture in enumerate(pictures):
+        name = f"{row.name}{f'-{index}' if len(pictures) > 1 else ''}"
         if f"{name}.png" in taken:
             name = f"{name}-{row.key[:8]}"
-        files.append(str(save_png(image, out / f"{name}.png").relative_to(out)))  # relative to `out`: it may move
+        path = out / f"{name}.png"
+        if isinstance(picture, bytes):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(picture)
+        else:
+            save_png(picture, path)
+        files.append(str(path.relative_to(out)))  # relative to `out`: it may move
     line["files"] = files
     claims.finish(row, line)
 
@@ -538,9 +560,9 @@ def draw_sheet(grid: list[list[tuple[str | Path | None, str]]], label: str | Non
     sheet = Image.new("RGB", (columns * THUMB, top + len(grid) * tile + 16 * len(footer) + (8 if footer else 0)), "white")
     draw = ImageDraw.Draw(sheet)
     if label:
-        draw.text((4, 6), label, fill="darkred")
+        draw.text((4, 6), _drawable(draw, label), fill="darkred")
     for column, title in enumerate(titles or ()):
-        draw.text((column * THUMB + 4, top - 16), title, fill="black")
+        draw.text((column * THUMB + 4, top - 16), _drawable(draw, title), fill="black")
     for row_index, row in enumerate(grid):
         for column, (file, caption) in enumerate(row):
             x, y = column * THUMB, top + row_index * tile
@@ -550,7 +572,18 @@ def draw_sheet(grid: list[list[tuple[str | Path | None, str]]], label: str | Non
                     fitted = ImageOps.contain(picture.convert("RGB"), (THUMB - 8, THUMB - 8))
                 sheet.paste(fitted, (x + (THUMB - fitted.width) // 2, y))
                 height = fitted.height
-            draw.multiline_text((x + 4, y + height + 3), caption, fill="black", spacing=2)
+            draw.multiline_text((x + 4, y + height + 3), _drawable(draw, caption), fill="black", spacing=2)
     for number, line in enumerate(footer):
-        draw.text((4, top + len(grid) * tile + 6 + 16 * number), line, fill="dimgrey")
+        draw.text((4, top + len(grid) * tile + 6 + 16 * number), _drawable(draw, line), fill="dimgrey")
     return sheet
+
+
+def _drawable(draw, text: str) -> str:
+    """`text` as the sheet's font can draw it: Pillow's default font before 10.1 (or without FreeType) is a bitmap
+    font that knows Latin-1 only, and raises on anything else (a name in Chinese, an ellipsis); there such characters
+    become "?" ("..." for the ellipsis). Pillow's FreeType default font takes any text."""
+    from PIL import ImageFont
+
+    if isinstance(draw.getfont(), ImageFont.FreeTypeFont):
+        return text
+    return text.replace("\u2026", "...").encode("latin-1", "replace").decode("latin-1")

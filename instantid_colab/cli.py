@@ -128,15 +128,16 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(args: argparse.Namespace):
-    """Smoke weights, or the real ones (downloaded when missing); MissingWeightsError propagates."""
-    if args.smoke:
-        from instantid_colab.smoke import build_smoke_weights
+def _weights(args: argparse.Namespace, loras: tuple[str, ...] = ()):
+    """Smoke weights, or the real ones (downloaded when missing), with `loras` on disk; MissingWeightsError
+    propagates."""
+    return _weights_request(args, loras).resolve()
 
-        return build_smoke_weights()
-    from instantid_colab.weights import ensure_weights
 
-    return ensure_weights(args.weights_dir, base=args.base, drive=args.drive, progress=True)
+def _weights_request(args: argparse.Namespace, loras: tuple[str, ...] = ()):
+    from instantid_colab.weights_request import WeightsRequest
+
+    return WeightsRequest(smoke=args.smoke, weights_dir=args.weights_dir, base=args.base, drive=args.drive, loras=loras)
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -317,11 +318,14 @@ def _swap(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    """Check every row, load once, make what results.jsonl lacks; `--gpus N` relaunches under accelerate."""
+    """Check every row, load once, make what results.jsonl lacks; `--gpus N` relaunches under accelerate, `--ray`
+    makes the rows on Ray workers."""
     from instantid_colab import batch, pipeline
     from instantid_colab.settings import check_arguments
+    from instantid_colab.weights import SMOKE_LABEL
 
     check_arguments(gpus=(args.gpus, "gpus"))
+    _ray_arguments(args)
     _out_folder(args.out)
     if args.gpus > 1:
         return _launch_on_gpus(args.gpus, args.argv)
@@ -331,11 +335,18 @@ def _batch(args: argparse.Namespace) -> int:
 
         defaults = settings_files.read(args.settings)
     rows = batch.prepare_rows(args.manifest, smoke=args.smoke, speed=args.speed, defaults=defaults)
-    process, processes = _this_process()
-    session = pipeline.load_pipeline(_weights_for_rows(args, rows), progress=False)
-    report = batch.run(session, rows, args.out, process=process, processes=processes)
-    if session.label:
-        print(f"[{session.label}]")
+    if args.ray is not None:
+        from instantid_colab import cluster
+
+        report = cluster.run_rows(rows, args.out, _weights_request(args, _loras_of(rows)), args.ray, args.ray_workers)
+        label = SMOKE_LABEL if args.smoke else None
+    else:
+        process, processes = _this_process()
+        session = pipeline.load_pipeline(_weights_for_rows(args, rows), progress=False)
+        report = batch.run(session, rows, args.out, process=process, processes=processes)
+        label = session.label
+    if label:
+        print(f"[{label}]")
     print(report.render())
     return _failed_rows(report)
 
@@ -393,12 +404,11 @@ def _this_process() -> tuple[int, int]:
 
 def _weights_for_rows(args: argparse.Namespace, rows: list):
     """The weights, with every LoRA the rows name on disk (a missing one is reported before the models load)."""
-    from instantid_colab import pipeline
+    return _weights(args, _loras_of(rows))
 
-    weights = _weights(args)
-    for lora in {lora.name for row in rows for lora in row.values["loras"]}:
-        pipeline.lora_file(weights, lora)
-    return weights
+
+def _loras_of(rows: list) -> tuple[str, ...]:
+    return tuple(sorted({lora.name for row in rows for lora in row.values["loras"]}))
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -409,6 +419,7 @@ def _bench(args: argparse.Namespace) -> int:
     from instantid_colab.settings import SettingsError, check_arguments
 
     check_arguments(gpus=(args.gpus, "gpus"), seeds=(args.seeds, "bench_seeds"))
+    _ray_arguments(args)
     _out_folder(args.out)
     if args.faces is None and not args.smoke:
         raise SettingsError(["--faces is required: a folder with one photo per person, or one folder of photos per "
@@ -429,6 +440,15 @@ def _bench(args: argparse.Namespace) -> int:
         made = None
         summary, written = bench.report(plan, args.out, SMOKE_LABEL if args.smoke else None)
         print(f"All {len(plan.rows)} images are in {Path(args.out) / 'results.jsonl'}: nothing to make.")
+    elif args.ray is not None:
+        from instantid_colab import cluster
+        from instantid_colab.weights import SMOKE_LABEL
+
+        label = SMOKE_LABEL if args.smoke else None
+        made = cluster.run_rows(plan.rows, args.out, _weights_request(args, _loras_of(plan.rows)), args.ray,
+                                args.ray_workers, bench=plan, desc="bench")
+        summary, written = bench.report(plan, args.out, label)
+        print(*([f"[{label}]"] if label else []), made.render(), sep="\n")
     else:
         process, processes = _this_process()
         session = pipeline.load_pipeline(_weights_for_rows(args, plan.rows), progress=False)
@@ -479,6 +499,34 @@ def _weights_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--base", default=DEFAULT_BASE, help="SDXL base repo (see weights.BASE_MODELS)")
     parser.add_argument("--drive", action="store_true", help="keep weights on the mounted Google Drive")
+
+
+def _ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="make the rows on Ray workers, one per GPU, each with its own loaded pipeline; this "
+                             "process writes the results. ADDRESS: auto (the cluster this machine is in) or "
+                             "ray://HOST:10001; none: a Ray started here on this machine's GPUs. Needs the ray extra: "
+                             'pip install "instantid-colab[ray]"')
+    parser.add_argument("--ray-workers", type=int, metavar="N",
+                        help="how many Ray workers (default: one per GPU of the cluster; without GPUs, 1 on the CPU)")
+
+
+def _ray_arguments(args: argparse.Namespace) -> None:
+    """--ray's options checked before anything loads: exit 2 for a worker count out of range, --gpus beside it, or
+    Ray not installed."""
+    from instantid_colab.settings import SettingsError, check_arguments
+
+    if args.ray_workers is not None:
+        check_arguments(ray_workers=(args.ray_workers, "ray_workers"))
+        if args.ray is None:
+            raise SettingsError(["--ray-workers needs --ray"])
+    if args.ray is not None:
+        if args.gpus > 1:
+            raise SettingsError(["give --ray (Ray workers, one per GPU) or --gpus N (accelerate on this machine), "
+                                 "not both"])
+        from instantid_colab.cluster import require_ray
+
+        require_ray()
 
 
 def _generate_options(generate: argparse.ArgumentParser) -> None:
@@ -633,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "to its best_settings/ folder)")
     batch.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
     _weights_options(batch)
+    _ray_options(batch)
 
     bench = command("bench", "identity benchmark: likeness, prompt-following and time for every setting, side by side",
                     _bench)
@@ -654,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpus", type=int, default=1, help="start one process per GPU through accelerate launch")
     bench.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), offline")
     _weights_options(bench)
+    _ray_options(bench)
 
     app = command("app", "the gradio app", _app)
     app.add_argument("--smoke", action="store_true", help="tiny random weights (smoke: random weights), no download")

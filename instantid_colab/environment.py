@@ -72,6 +72,13 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("matplotlib", "matplotlib", "3.7", "install", "the ConvNeXtPose benchmark's plot (notebook 04)"),
 )
 
+# Optional extras: never installed by `install` (nor on Colab), reported by `doctor`; a feature that needs one says how
+# to get it (`pip install "instantid-colab[EXTRA]"`, pyproject.toml's extras).
+OPTIONAL: tuple[Requirement, ...] = (
+    Requirement("ray", "ray", "2.50", "optional",
+                "batch/bench --ray: rows on a Ray cluster, one worker per GPU (extra `ray`); 2.50 has Python 3.13 wheels"),
+)
+
 # The newest versions the whole test suite passed with (.ci/run's `tests` stage on 2026-11-24). The
 # oldest are the floors above (its `floors` stage), except torch: CI reaches only torch 2.13.0 on the
 # CPU; the GPU benchmarks ran torch 2.11. Raise these when CI has passed with newer releases.
@@ -205,6 +212,11 @@ class EnvironmentReport:
             oldest, newest = tested_range(row)
             version = self.packages.get(row.distribution) or "not installed"
             lines.append(f"  {row.distribution:<16} {version:<16} {row.minimum:<10} {oldest} to {newest}")
+        for row in OPTIONAL:
+            version = self.packages.get(row.distribution)
+            how = "" if version else f'; pip install "instantid-colab[{row.distribution}]"'
+            lines.append(f"  {row.distribution:<16} {version or 'not installed':<16} {row.minimum:<10} optional: "
+                         f"{row.why}{how}")
         if self.onnxruntime_providers is not None:
             lines.append(f"onnxruntime providers: {', '.join(self.onnxruntime_providers)}")
         elif self.onnxruntime_error:
@@ -240,7 +252,7 @@ def report() -> EnvironmentReport:
     """Versions from package metadata; torch and onnxruntime are imported for CUDA and providers."""
     versions = installed_versions()
     packages: dict[str, str | None] = {}
-    for row in REQUIREMENTS:
+    for row in (*REQUIREMENTS, *OPTIONAL):
         found = installed_version(row, versions)
         packages[row.distribution] = found[1] if found else None
     for name in PINNED:

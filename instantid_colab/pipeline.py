@@ -39,11 +39,11 @@ from instantid_colab.controls import (
 from instantid_colab.controls import describe as describe_control
 from instantid_colab.controlnets import Annotations, ControlNets, MultiControlNetModel, control_map
 from instantid_colab import speed as speed_module
-from instantid_colab.loras import SMOKE_LORA, Lora, LoraState, check_loras
+from instantid_colab.loras import Lora, LoraState, check_loras
 from instantid_colab.people import AUTO_SIZE, Cast, Person, cast as cast_people, check_people
 from instantid_colab.people import least_alike, likeness as people_likeness
 from instantid_colab.weights import (
-    SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, reading, root_of,
+    SMOKE_LABEL, WeightPaths, ensure_annotator, ensure_controlnet, ensure_lora, ensure_taesd, lora_file, reading,
 )
 
 _SCHEDULE_LOGGERS = ("diffusers.schedulers.scheduling_lcm", "diffusers.schedulers.scheduling_tcd")
@@ -397,13 +397,6 @@ def _oom_retry_plan(session: InstantIDSession, error: BaseException, identity: s
               f"'{lighter.placement}' ({lighter.why}) and ran again.")
     session.plan = lighter
     return notice
-
-
-def lora_file(weights: WeightPaths, name: str) -> Path:
-    """A requested LoRA as a file on disk (`smoke` is the smoke weights' tiny LoRA); MissingWeightsError otherwise."""
-    if name == SMOKE_LORA and weights.smoke:
-        return root_of(weights) / "loras" / SMOKE_LORA / "pytorch_lora_weights.safetensors"
-    return ensure_lora(weights, name)
 
 
 def _extra_controlnets(session: InstantIDSession, kinds: list[str], width: int, height: int, num: int):

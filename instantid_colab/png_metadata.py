@@ -6,6 +6,7 @@ PIL drops text chunks when an image is saved unless they are passed again, so th
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -38,5 +39,16 @@ def save_png(image: Image.Image, path: str | Path, overwrite: bool = True) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb" if overwrite else "xb") as handle:
-        image.save(handle, format="PNG", pnginfo=getattr(image, "pnginfo", None))
+        _write_png(image, handle)
     return path
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The PNG file `save_png` would write, as bytes (a Ray worker sends them to the one process that writes)."""
+    buffer = io.BytesIO()
+    _write_png(image, buffer)
+    return buffer.getvalue()
+
+
+def _write_png(image: Image.Image, handle) -> None:
+    image.save(handle, format="PNG", pnginfo=getattr(image, "pnginfo", None))

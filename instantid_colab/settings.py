@@ -59,6 +59,7 @@ LIMITS: dict[str, Bounds] = {
     "people": Bounds(1, 4, True, "people in one picture; the IdentityNet runs once per person per step"),
     "memory_gib": Bounds(0, 2**20, source="GiB of RAM or VRAM, as measured"),
     "gpus": Bounds(1, 64, True, "one process per GPU"),
+    "ray_workers": Bounds(1, 4096, True, "Ray workers, each with its own loaded pipeline (default: one per GPU)"),
     "photo_side": Bounds(64, 65535, True, "pixels; a photo is decoded at most this large"),
     "det_size": Bounds(160, 1280, True, "insightface's detector input side; the official demo uses 640"),
     "port": Bounds(1, 65535, True, "a TCP port"),

@@ -435,6 +435,15 @@ def ensure_judge(weights: WeightPaths, repo: str, files: tuple[str, ...], *, dow
     return folder
 
 
+def lora_file(weights: WeightPaths, name: str) -> Path:
+    """A requested LoRA as a file on disk (`smoke` is the smoke weights' tiny LoRA); MissingWeightsError otherwise."""
+    from instantid_colab.loras import SMOKE_LORA
+
+    if name == SMOKE_LORA and weights.smoke:
+        return root_of(weights) / "loras" / SMOKE_LORA / "pytorch_lora_weights.safetensors"
+    return ensure_lora(weights, name)
+
+
 def ensure_lora(weights: WeightPaths, name: str, *, downloader: Downloader = hub_downloader, progress: bool = True,
                 offline: bool | None = None) -> Path:
     """A LoRA file: a local .safetensors, or a hub repo `owner/name` (its one .safetensors) or `owner/name/file`.

@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -168,13 +168,15 @@ class Reference:
     ceiling: dict[str, float]
 
 
-def references(session, judges: Judges, people: list[BenchPerson]) -> dict[str, Reference]:
-    """Each person's reference embeddings, from their photos' faces; NoFaceError names the person and photo."""
+def references(session, judges: Judges, people: list[BenchPerson],
+               open_photo: Callable[[Path, str], Any] = open_image) -> dict[str, Reference]:
+    """Each person's reference embeddings, from their photos' faces; NoFaceError names the person and photo.
+    `open_photo(path, what)`: how a photo is had (a Ray worker gets them from the object store, not from a path)."""
     found = {}
     for person in people:
         embedded = {}
         for path in (*person.references, *([person.held_out] if person.held_out else [])):
-            image = open_image(path, "face photo")
+            image = open_photo(path, "face photo")
             try:
                 face = session.faces.detect(image)
             except NoFaceError as error:
@@ -226,36 +228,60 @@ def remaining(bench: BenchPlan, out: str | Path) -> int:
     return len({row.key for row in bench.rows} - batch.done_keys(Path(out)))
 
 
+class Scorer:
+    """What a process making a benchmark's rows needs beside its pipeline: the judges, each person's references, the
+    settings it has loaded (one process, one of accelerate's, or a Ray worker: `cluster`)."""
+
+    def __init__(self, session, bench: BenchPlan, open_photo: Callable[[Path, str], Any] = open_image):
+        self.session, self.bench, self.loaded = session, bench, set()
+        self.judges = load_judges(session.weights, session.device, session.plan.placement == "gpu")
+        self.targets = references(session, self.judges, bench.people, open_photo)
+
+    def calibration(self) -> dict[str, dict[str, Any]]:
+        return calibration(self.bench, self.targets)
+
+    def measure(self, row: batch.Row, result) -> dict[str, Any]:
+        """The figures of a row's picture; CLIP scores the bench's prompt, the same text for every method."""
+        return measure(self.session, self.judges, self.targets[row.record["person"]], result.images[0],
+                       self.bench.prompts[row.record["prompt"] - 1].text)
+
+    def warm_up(self, row: batch.Row) -> float | None:
+        """Before a setting's first row here: load what it needs (identity method, LoRAs, ControlNets) on a
+        one-step 64 px picture; how long that took, apart from the images' seconds (None: loaded before)."""
+        if row.record["configuration"] in self.loaded:
+            return None
+        self.loaded.add(row.record["configuration"])
+        started = time.perf_counter()
+        with contextlib.suppress(ValueError, MemoryError):  # the row itself fails with the reason, and says it
+            batch.warm_up(self.session, row)
+        return round(time.perf_counter() - started, 2)
+
+
+def record_load(out: Path, configuration: str, seconds: float, process: int | str) -> None:
+    """One line of `loads.jsonl`: how long loading a setting took in one process."""
+    with batch.Claims(out).locked(), open(out / LOADS, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"configuration": configuration, "seconds": seconds, "process": process}) + "\n")
+
+
+def write_calibration(out: Path, found: dict[str, dict[str, Any]]) -> None:
+    (out / CALIBRATION).write_text(json.dumps(found, indent=1) + "\n", encoding="utf-8")
+
+
 def run(session, bench: BenchPlan, out: str | Path, process: int = 0, processes: int = 1,
         progress: bool = True) -> tuple[batch.BatchReport, BenchSummary, dict[str, Path]]:
     """Make what `out/results.jsonl` lacks, scoring each image as it is made, then `report`."""
-    judges = load_judges(session.weights, session.device, session.plan.placement == "gpu")
-    targets = references(session, judges, bench.people)
+    scorer = Scorer(session, bench)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CALIBRATION).write_text(json.dumps(calibration(bench, targets), indent=1) + "\n", encoding="utf-8")
-    loaded: set[str] = set()
-
-    def scored(row: batch.Row, result) -> dict[str, Any]:  # the bench's prompt, the same text for every method
-        return measure(session, judges, targets[row.record["person"]], result.images[0],
-                       bench.prompts[row.record["prompt"] - 1].text)
+    write_calibration(out, scorer.calibration())
 
     def first_of_its_setting(row: batch.Row) -> None:
-        """Before a setting's first row here: load what it needs (identity method, LoRAs, ControlNets) on a
-        one-step 64 px picture, and record how long that took apart from the images' seconds."""
-        name = row.record["configuration"]
-        if name in loaded:
-            return
-        loaded.add(name)
-        started = time.perf_counter()
-        with contextlib.suppress(ValueError, MemoryError):  # the row itself fails with the reason, and says it
-            batch.warm_up(session, row)
-        with batch.Claims(out).locked(), open(out / LOADS, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"configuration": name, "seconds": round(time.perf_counter() - started, 2),
-                                     "process": process}) + "\n")
+        seconds = scorer.warm_up(row)
+        if seconds is not None:
+            record_load(out, row.record["configuration"], seconds, process)
 
     made = batch.run(session, bench.rows, out, process=process, processes=processes, progress=progress,
-                     measure=scored, desc="bench", sheet=False, before_row=first_of_its_setting)
+                     measure=scorer.measure, desc="bench", sheet=False, before_row=first_of_its_setting)
     return (made, *report(bench, out, session.label))
 
 
