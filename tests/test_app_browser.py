@@ -7,6 +7,7 @@ INSTANTID_UPDATE_SCREENSHOT=1 it also refreshes docs/app-smoke.png, the README's
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import socket
@@ -67,6 +68,15 @@ def page(served):
         tab.goto(served.local_url)
         yield tab
         browser.close()
+
+
+@pytest.fixture(autouse=True)
+def stacks_when_stuck():
+    """A test still waiting 20 s before its step's timeout writes every thread's stack (the app's too: it serves
+    from this process) into the test's captured output: a run that hangs on a loaded CI machine says where."""
+    faulthandler.dump_traceback_later(TIMEOUT_MS / 1000 - 20)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

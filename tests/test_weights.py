@@ -1,3 +1,4 @@
+import re
 import struct
 from pathlib import Path
 
@@ -228,3 +229,35 @@ def test_a_hub_lora_named_with_its_file_is_fetched_from_the_hub(tmp_path):
     assert hub.calls == ["ByteDance/SDXL-Lightning"] and path.is_file()
     with pytest.raises(MissingWeightsError, match=r"LoRA styles/mine.safetensors: no such file"):
         weights.ensure_lora(_paths(tmp_path), "styles/mine.safetensors", downloader=hub)
+
+
+def test_a_text_encoder_file_that_does_not_fill_the_model_is_refused_naming_the_keys(tmp_path):
+    """transformers leaves weights the file lacks random and only warns; a smoke file written by transformers 5
+    (keys without `text_model.`) read that way by transformers 4 computed noise in the floors' CI stage."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from instantid_colab.components import load
+    from instantid_colab.smoke.diffusion import save_text_encoder
+
+    config = CLIPTextConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=16, projection_dim=8)
+    model = CLIPTextModel(config).eval()
+    save_text_encoder(model, tmp_path / "text_encoder")
+    (path,) = (tmp_path / "text_encoder").glob("*.safetensors")
+    tensors = load_file(path)
+    assert all(key.startswith("text_model.") for key in tensors)  # as SDXL's own files spell them
+    loaded = load(CLIPTextModel, tmp_path, "cpu", torch.float32, subfolder="text_encoder")
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded(tokens).last_hidden_state, model(tokens).last_hidden_state)
+
+    tensors["text_model.encoder.layers.0.mlp.fc1.wrong_name"] = tensors.pop("text_model.encoder.layers.0.mlp.fc1.weight")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(DamagedWeightsError) as caught:
+        load(CLIPTextModel, tmp_path, "cpu", torch.float32, subfolder="text_encoder")
+    message = str(caught.value)
+    assert message.startswith(f"CLIPTextModel: {path} does not fill the model, weights ")
+    assert re.search(r"1 in the file but not in the model \((text_model\.)?encoder\.layers\.0\.mlp\.fc1\.wrong_name\)",
+                     message)  # transformers 5 names the keys without the prefix, and also lists fc1.weight missing
+    assert f"`python -m instantid_colab download --force {path}`" in message

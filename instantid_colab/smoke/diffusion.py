@@ -214,7 +214,7 @@ def write_base(root: Path, sizes: DiffusionSizes, dtype: torch.dtype = torch.flo
             text_config = CLIPTextConfig(**{**config, "vocab_size": vocab_size}, eos_token_id=vocab_size - 1,
                                          bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1)
             model = randomise(cls(text_config), seed + 10 + index, sizes.init_gain)
-            model.to(dtype).save_pretrained(root / name)
+            save_text_encoder(model.to(dtype), root / name)
             del model
         vae = randomise(AutoencoderKL(**sizes.vae), seed + 20, 1.0)
         vae.to(dtype).save_pretrained(root / "vae")
@@ -231,6 +231,19 @@ def write_base(root: Path, sizes: DiffusionSizes, dtype: torch.dtype = torch.flo
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
     }, indent=2))
     return unet
+
+
+def save_text_encoder(model, folder: Path) -> None:
+    """save_pretrained, then the weights' keys as SDXL's own files spell them (`text_model.…`, `text_projection.…`):
+    transformers 5 writes CLIPTextModel's without the `text_model.` prefix, which transformers 4 reads as missing
+    (every weight left random), so smoke files from one version would not be the same model in another."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder, safe_serialization=True)
+    (path,) = folder.glob("*.safetensors")
+    tensors = load_file(path)
+    save_file({key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": tensor
+               for key, tensor in tensors.items()}, path, metadata={"format": "pt"})
 
 
 def write_identitynet(folder: Path, unet, dtype: torch.dtype = torch.float32, seed: int = 1) -> None:
