@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,9 @@ from instantid_colab.weights_request import WeightsRequest
 
 RAY_EXTRA = 'pip install "instantid-colab[ray]"'
 LOCAL = "local"  # `--ray` without an address: a Ray started here, on this machine's GPUs (or CPUs)
-IN_FLIGHT = 2  # rows handed to each worker at once: the next waits there while this process writes the last
+IN_FLIGHT = 2  # rows handed to each worker at once, each on a thread of its own: while one row's pictures are
+# encoded as PNG (0.16 s for 1024x1024 on a CPU core) the next is already on the GPU, as a one-process batch writes
+# its PNGs from a background thread. Measured on one H100 before this overlap: Ray 0.466 images/s, one process 0.528.
 MAX_ATTEMPTS = 3  # a row whose worker died this many times is recorded as failed, with why
 
 
@@ -65,14 +68,15 @@ def _swap_photos(value: Any, swap: Callable[[Any], Any]) -> Any:
 
 
 class RowMaker:
-    """A Ray actor's body: one loaded pipeline that makes rows, and for a benchmark scores them (`bench.run.Scorer`)."""
+    """A Ray actor's body: one loaded pipeline that makes rows, and for a benchmark scores them (`bench.run.Scorer`).
+    Runs `IN_FLIGHT` calls at once on threads; one at a time holds the pipeline (`self.gpu`)."""
 
     def __init__(self, weights: WeightsRequest, run: str, worker: int, bench=None, bench_photos: dict | None = None):
         import ray
 
         from instantid_colab import pipeline
 
-        self.run, self.worker = run, worker
+        self.run, self.worker, self.gpu = run, worker, threading.Lock()
         self.session = pipeline.load_pipeline(weights.resolve(progress=False), progress=False)
         self.scorer = None
         if bench is not None:
@@ -96,9 +100,10 @@ class RowMaker:
 
         opened = dict(zip(photos, ray.get(list(photos.values()))))
         row = dataclasses.replace(row, values=_swap_photos(row.values, lambda photo: opened[photo.index]))
-        load = self.scorer.warm_up(row) if self.scorer else None
-        line, result = batch.make_row(self.session, row, run=self.run, process=self.worker,
-                                      measure=self.scorer.measure if self.scorer else None)
+        with self.gpu:
+            load = self.scorer.warm_up(row) if self.scorer else None
+            line, result = batch.make_row(self.session, row, run=self.run, process=self.worker,
+                                          measure=self.scorer.measure if self.scorer else None)
         return {"line": line, "pngs": [png_bytes(image) for image in result.images] if result else [], "load": load}
 
 
@@ -154,7 +159,7 @@ def run_rows(rows: list[batch.Row], out: str | Path, weights: WeightsRequest, ad
     light_bench = None if bench is None else dataclasses.replace(bench, rows=[])  # its rows travel one by one
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = workers or gpus or 1
-    maker = ray.remote(**({"num_gpus": 1} if gpus else {"num_cpus": 1}))(RowMaker)
+    maker = ray.remote(max_concurrency=IN_FLIGHT, **({"num_gpus": 1} if gpus else {"num_cpus": 1}))(RowMaker)
     spawned = 0
 
     def spawn():

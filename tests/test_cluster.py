@@ -40,6 +40,12 @@ def manifest_rows(folder: Path, count: int, steps: int = 3) -> list[batch.Row]:
     return batch.prepare_rows(folder / "rows.csv", smoke=True)
 
 
+def same_files(session) -> WeightsRequest:
+    """The workers read the files `session` was loaded from (as from a shared `--weights-dir`): the smoke files of
+    another folder, written by another version of transformers, hold other random weights."""
+    return WeightsRequest(smoke=True, paths=session.weights)
+
+
 def picture(out: Path, line: dict) -> tuple[bytes, str]:
     (path,) = batch.pictures(out, line)
     with Image.open(path) as image:
@@ -60,9 +66,10 @@ def test_ray_makes_the_pictures_one_process_makes_and_a_stopped_driver_resumes(l
             raise KeyboardInterrupt  # Ctrl-C in the driver
 
     with pytest.raises(KeyboardInterrupt):
-        cluster.run_rows(rows, tmp_path / "ray", SMOKE, workers=2, progress=False, on_row=stop_after_two)
+        cluster.run_rows(rows, tmp_path / "ray", same_files(smoke_session), workers=2, progress=False,
+                         on_row=stop_after_two)
     assert len(batch.done_keys(tmp_path / "ray")) == 2
-    report = cluster.run_rows(rows, tmp_path / "ray", SMOKE, workers=2, progress=False)
+    report = cluster.run_rows(rows, tmp_path / "ray", same_files(smoke_session), workers=2, progress=False)
     assert (report.made, report.skipped, report.failed) == (4, 2, 0)
     lines = batch.results(tmp_path / "ray")
     assert sorted(line["key"] for line in lines) == sorted(row.key for row in rows)  # each made once
@@ -103,7 +110,8 @@ def test_bench_on_ray_gives_the_table_one_process_gives(local_ray, smoke_session
     finally:
         torch.set_num_threads(threads)
     on_ray = bench.plan_smoke_people(tmp_path / "ray", "protocol", grid)
-    report = cluster.run_rows(on_ray.rows, tmp_path / "ray", SMOKE, workers=2, bench=on_ray, progress=False)
+    report = cluster.run_rows(on_ray.rows, tmp_path / "ray", same_files(smoke_session), workers=2, bench=on_ray,
+                              progress=False)
     assert report.made == len(on_ray.rows) == 4
     bench.report(on_ray, tmp_path / "ray", smoke.SMOKE_LABEL)
     timing = {"seconds_per_image", "load_seconds", "peak_vram_gib", "best"}  # best: the fastest counts too

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from instantid_colab.weights import ANTELOPEV2_DIR, SMOKE_LABEL, WeightPaths, default_root, model_folder
 SMOKE_SIZE = 128  # output side for smoke runs: the tiny models take seconds at 128 px, minutes per step at 1024
-_VERSION = 10  # bump when the layout or sizes change, so old smoke folders are rebuilt
+_VERSION = 11  # bump when the layout or sizes change, so old smoke folders are rebuilt
 
 
 def default_smoke_root() -> Path:
@@ -50,9 +50,9 @@ def write_tiny_lora(folder: Path, sizes, seed: int = 4) -> Path:
     from instantid_colab.smoke.diffusion import build_unet
 
     unet = build_unet(sizes, seed)
+    torch.manual_seed(seed)  # add_adapter draws the LoRA's weights from torch's global generator
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    torch.manual_seed(seed)
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder / "pytorch_lora_weights.safetensors"
 
